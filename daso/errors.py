@@ -1,0 +1,27 @@
+"""Exception types shared by every layer of :mod:`daso`.
+
+Each error names the problem and the fix; callers catch :class:`DasoError` to
+tell the project's own failures from bugs.
+"""
+
+from __future__ import annotations
+
+
+class DasoError(Exception):
+    """Base class of every error raised on purpose by daso."""
+
+
+class ConfigError(DasoError, ValueError):
+    """A configuration file, key or value is invalid (raised before any process group exists)."""
+
+
+class TopologyError(DasoError, RuntimeError):
+    """The launcher's environment describes a cluster layout that cannot work."""
+
+
+class DataError(DasoError, ValueError):
+    """A data path is missing, empty or malformed."""
+
+
+class CommTimeoutError(DasoError, TimeoutError):
+    """A collective did not complete within its configured timeout (a peer rank died or hangs)."""
