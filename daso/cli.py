@@ -1,0 +1,183 @@
+"""The ``daso`` command: ``train``, ``info`` and ``config-reference``.
+
+``daso train`` runs the same way under ``mpiexec``/``mpirun``, ``srun``, ``torchrun`` or as a
+single process; the launcher is detected from its environment (:mod:`daso.topology`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+from daso.errors import DasoError
+
+log = logging.getLogger("daso.cli")
+
+#: Exit codes: 0 success, 1 a failure during the run (the others are aborted), 2 bad input.
+EXIT_OK, EXIT_FAILURE, EXIT_BAD_INPUT = 0, 1, 2
+
+
+def _launcher_rank() -> int:
+    from daso.topology import read_launcher_env
+
+    try:
+        return read_launcher_env().rank
+    except DasoError:
+        return 0
+
+
+def build_datasets(config: Any) -> tuple[Any, Any]:
+    """Training and validation datasets named by the ``data`` section of ``config``.
+
+    Raises:
+        DataError: a missing or malformed data path.
+    """
+    data = config.data
+    if data.name == "mnist":
+        from daso.data import mnist_datasets
+
+        return mnist_datasets(data.root or None, val_size=data.val_size, seed=config.trainer.seed)
+    from daso.data import cifar10_datasets
+
+    return cifar10_datasets(
+        data.root, data.cache_dir, augment=data.augment, train_subset=data.train_subset,
+        val_subset=data.val_subset, seed=config.trainer.seed,
+    )
+
+
+def build_optimizer(config: Any, params: Any) -> Any:
+    """The optimizer named by the ``optim`` section of ``config``, over ``params``."""
+    import torch
+
+    optim = config.optim
+    if optim.name == "sgd":
+        return torch.optim.SGD(
+            params, lr=optim.lr, momentum=optim.momentum, nesterov=optim.nesterov,
+            weight_decay=optim.weight_decay,
+        )
+    cls = torch.optim.Adam if optim.name == "adam" else torch.optim.AdamW
+    return cls(params, lr=optim.lr, weight_decay=optim.weight_decay)
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    """Load and validate the config and data, then train; every rank runs this."""
+    import torch
+
+    from daso.config import load_config
+    from daso.models import build_model
+
+    config = load_config(args.config, args.set or [])
+    if config.trainer.num_threads:
+        torch.set_num_threads(config.trainer.num_threads)
+    train_set, val_set = build_datasets(config)
+    torch.manual_seed(config.trainer.seed)
+    model = build_model(config.model.name, num_classes=config.model.num_classes,
+                        **({"width": config.model.width} if config.model.name != "mnist_cnn" else {}))
+
+    from daso.trainer import Trainer
+
+    trainer = Trainer(
+        model, lambda params: build_optimizer(config, params),
+        torch.nn.functional.cross_entropy, config,
+    )
+    try:
+        history = trainer.fit(train_set, val_set)
+    finally:
+        trainer.close()
+    if trainer.rank == 0 and history:
+        last = history[-1]
+        log.info(
+            "done: %d epochs, final val accuracy %.4f, metrics in %s",
+            len(history), last["val_accuracy"], trainer.metrics_path,
+        )
+    return EXIT_OK
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    """Print the detected topology of every rank (rank 0 prints all)."""
+    from mpi4py import MPI
+
+    from daso.topology import init_distributed
+
+    groups = init_distributed(args.device)
+    topo = groups.topology
+    line = f"{topo.describe()} backend={groups.backend} device={groups.device}"
+    comm = MPI.COMM_WORLD
+    lines = comm.gather(line, root=0) if comm.Get_size() == topo.world_size else [line]
+    if topo.rank == 0:
+        print(
+            f"daso topology: {topo.num_nodes} node(s), ranks per node {topo.ranks_per_node}, "
+            f"world size {topo.world_size}, {topo.num_cross_groups} cross-node group(s)"
+        )
+        for n in range(topo.num_nodes):
+            print(f"  node {n}: ranks {topo.ranks_on_node(n)}")
+        for i in range(topo.num_cross_groups if topo.num_nodes > 1 else 0):
+            print(f"  cross-node group C_{i}: ranks {topo.cross_group_ranks(i)}")
+        for entry in lines:
+            print(f"  {entry}")
+    return EXIT_OK
+
+
+def cmd_config_reference(args: argparse.Namespace) -> int:
+    """Print every config key as a Markdown table."""
+    from daso.config import reference_table
+
+    print(reference_table())
+    return EXIT_OK
+
+
+def make_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="daso", description="Hierarchical data-parallel training with DASO and baselines."
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+    train = sub.add_parser("train", help="train a model from a YAML config")
+    train.add_argument("--config", required=True, help="YAML config file (see configs/)")
+    train.add_argument(
+        "--set", action="append", metavar="KEY=VALUE",
+        help="override a config key, e.g. --set strategy.max_global_skips=4 (repeatable)",
+    )
+    train.set_defaults(func=cmd_train)
+    info = sub.add_parser("info", help="print the detected topology of every rank")
+    info.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    info.set_defaults(func=cmd_info)
+    ref = sub.add_parser("config-reference", help="print all config keys as Markdown")
+    ref.set_defaults(func=cmd_config_reference)
+    return parser
+
+
+def _abort_world(code: int) -> None:
+    """Take every other rank down with this one, so none waits forever on a dead peer."""
+    if "mpi4py.MPI" in sys.modules:
+        from mpi4py import MPI
+
+        if MPI.Is_initialized() and not MPI.Is_finalized() and MPI.COMM_WORLD.Get_size() > 1:
+            MPI.COMM_WORLD.Abort(code)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``daso`` console script; returns the exit code."""
+    args = make_parser().parse_args(argv)
+    from daso.errors import ConfigError, DataError, TopologyError
+    from daso.log import configure_logging
+
+    rank = _launcher_rank()
+    configure_logging(rank)
+    try:
+        return args.func(args)
+    except (ConfigError, DataError, TopologyError) as err:
+        # Every rank reads the same input and fails the same way: rank 0 says it once.
+        if rank == 0:
+            log.error("%s", err)
+        return EXIT_BAD_INPUT
+    except Exception as err:  # noqa: BLE001 - report it, then stop every rank
+        log.error("rank %d failed: %s: %s", rank, type(err).__name__, err, exc_info=True)
+        _abort_world(EXIT_FAILURE)
+        return EXIT_FAILURE
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,305 @@
+"""Typed configuration: YAML files, dotted command-line overrides, validation with clear errors.
+
+A config has five sections, ``model``, ``data``, ``optim``, ``trainer`` and ``strategy``; the
+``strategy`` section's keys depend on ``strategy.name``. Every problem (malformed YAML, unknown
+key, wrong type, out-of-range value, inconsistent combination) raises
+:class:`~daso.errors.ConfigError` naming the file, the dotted key and what is allowed, before
+any process group exists.
+
+Example:
+    >>> cfg = load_config(None, ["strategy.name=ddp", "trainer.epochs=2"])
+    >>> cfg.strategy.name, cfg.trainer.epochs
+    ('ddp', 2)
+"""
+
+from __future__ import annotations
+
+import os
+import typing
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Annotated, Any, Literal, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from daso.errors import ConfigError
+
+#: Model names known to :func:`daso.models.build_model` (a test keeps the two in step).
+ModelName = Literal["mnist_cnn", "resnet20", "resnet32", "resnet44", "resnet56"]
+WireDtype = Literal["bfloat16", "float16", "float32"]
+
+
+class Section(BaseModel):
+    """A config section: unknown keys are errors; values are checked on assignment too."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelConfig(Section):
+    name: ModelName = Field("mnist_cnn", description="Network to train.")
+    num_classes: int = Field(10, ge=2, description="Output classes.")
+    width: int = Field(1, ge=1, description="Channel multiplier of the ResNets (1 = paper).")
+
+
+class DataConfig(Section):
+    name: Literal["mnist", "cifar10", "imagefolder"] = Field(
+        "mnist", description="Data set reader."
+    )
+    root: str | None = Field(
+        None,
+        description="MNIST: folder with the IDX files (empty = the embedded test split). "
+        "cifar10/imagefolder: folder with train/ and test/ (or a .tar.gz of it).",
+    )
+    batch_size: int = Field(64, ge=1, description="Training batch size per rank.")
+    val_batch_size: int = Field(256, ge=1, description="Evaluation batch size per rank.")
+    val_size: int = Field(2000, ge=1, description="MNIST: images held out for validation.")
+    augment: bool = Field(True, description="Random crop (padding 4) and flip on image sets.")
+    train_subset: int | None = Field(None, ge=1, description="Use only this many train images.")
+    val_subset: int | None = Field(None, ge=1, description="Use only this many val images.")
+    cache_dir: str = Field(".cache/daso", description="Where decoded images are cached.")
+    num_workers: int = Field(0, ge=0, description="DataLoader worker processes per rank.")
+
+
+class OptimConfig(Section):
+    name: Literal["sgd", "adam", "adamw"] = Field("sgd", description="Optimizer.")
+    lr: float = Field(0.05, gt=0, description="Learning rate.")
+    momentum: float = Field(0.9, ge=0, lt=1, description="SGD momentum.")
+    nesterov: bool = Field(False, description="SGD Nesterov momentum.")
+    weight_decay: float = Field(0.0, ge=0, description="L2 penalty / decoupled weight decay.")
+    scheduler: Literal["none", "cosine", "step", "multistep"] = Field(
+        "none", description="LR schedule, stepped once per epoch."
+    )
+    step_size: int = Field(30, ge=1, description="step: epochs between LR drops.")
+    milestones: list[int] = Field(default_factory=list, description="multistep: drop epochs.")
+    gamma: float = Field(0.1, gt=0, le=1, description="step/multistep: LR factor per drop.")
+
+
+class TrainerConfig(Section):
+    epochs: int = Field(10, ge=1, description="Training epochs.")
+    seed: int = Field(0, ge=0, description="Seed of model init, sampling and augmentation.")
+    output_dir: str | None = Field(
+        None, description="Run folder for metrics.jsonl (empty = runs/<config file stem>)."
+    )
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto = CUDA if present.")
+    amp: bool = Field(False, description="Autocast: bfloat16 on CPU, float16 + GradScaler on CUDA.")
+    grad_clip_norm: float | None = Field(None, gt=0, description="Clip gradient 2-norm to this.")
+    num_threads: int | None = Field(None, ge=1, description="torch.set_num_threads per rank.")
+    progress: bool = Field(True, description="tqdm progress bar on rank 0.")
+    timeout_seconds: float = Field(
+        300.0, gt=0, description="Longest wait for any collective before failing, seconds."
+    )
+
+
+class DDPConfig(Section):
+    name: Literal["ddp"] = Field("ddp", description="Gradient allreduce over all ranks.")
+
+
+class DASOConfig(Section):
+    name: Literal["daso"] = Field("daso", description="DASO (Coquelin et al. 2022).")
+    warmup_epochs: int = Field(4, ge=0, description="Blocking epochs at the start.")
+    cooldown_epochs: int = Field(4, ge=0, description="Blocking epochs at the end.")
+    stability_level: float = Field(
+        0.05, ge=0, lt=1, description="Relative loss improvement below which an epoch stalls."
+    )
+    patience: int = Field(2, ge=0, description="Stalled epochs before a plateau.")
+    max_global_skips: int = Field(8, ge=1, description="Largest global_skips; cycling starts at half.")
+    skip_reduction_factor: int = Field(2, ge=2, description="Skips divided by this per plateau.")
+    local_skip_factor: int = Field(
+        4, ge=1, description="After a reset, local_skips = batches_to_wait = max / this."
+    )
+    downcast: WireDtype = Field("bfloat16", description="Wire dtype of cross-node syncs.")
+    sync_optimizer_state: bool = Field(
+        True, description="Average optimizer state across nodes at each epoch end."
+    )
+    poll_interval_seconds: float = Field(
+        0.0, ge=0, description="0: MPI's blocking progress; >0: MPI_Test then sleep this long."
+    )
+
+
+StrategyConfig = Annotated[Union[DASOConfig, DDPConfig], Field(discriminator="name")]
+STRATEGY_SECTIONS: dict[str, type[Section]] = {"daso": DASOConfig, "ddp": DDPConfig}
+
+
+class Config(Section):
+    """The whole run: ``model``, ``data``, ``optim``, ``trainer``, ``strategy``."""
+
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    data: DataConfig = Field(default_factory=DataConfig)
+    optim: OptimConfig = Field(default_factory=OptimConfig)
+    trainer: TrainerConfig = Field(default_factory=TrainerConfig)
+    strategy: StrategyConfig = Field(default_factory=DASOConfig)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Config:
+        strategy = self.strategy
+        if isinstance(strategy, DASOConfig):
+            total = strategy.warmup_epochs + strategy.cooldown_epochs
+            if total > self.trainer.epochs:
+                raise ValueError(
+                    f"strategy.warmup_epochs ({strategy.warmup_epochs}) + "
+                    f"strategy.cooldown_epochs ({strategy.cooldown_epochs}) = {total} exceeds "
+                    f"trainer.epochs ({self.trainer.epochs}); lower them or train longer"
+                )
+        if self.data.name != "mnist" and not self.data.root:
+            raise ValueError(f"data.root is required for data.name={self.data.name!r}")
+        return self
+
+    def strategy_options(self) -> dict[str, Any]:
+        """Keyword arguments for :func:`daso.strategies.build_strategy` (the section sans name)."""
+        return self.strategy.model_dump(exclude={"name"})
+
+
+def _dotted(loc: Sequence[Any]) -> str:
+    parts = [str(p) for p in loc]
+    if len(parts) >= 2 and parts[0] == "strategy" and parts[1] in STRATEGY_SECTIONS:
+        del parts[1]
+    return ".".join(parts)
+
+
+def _allowed_keys(loc: Sequence[Any]) -> list[str]:
+    model: Any = Config
+    for part in loc[:-1]:
+        if model is Config and part == "strategy":
+            continue
+        if part in STRATEGY_SECTIONS:
+            model = STRATEGY_SECTIONS[part]
+            continue
+        field = model.model_fields.get(part)
+        if field is None or not isinstance(field.annotation, type):
+            return []
+        model = field.annotation
+    return sorted(model.model_fields) if hasattr(model, "model_fields") else []
+
+
+def format_validation_error(error: ValidationError, source: str) -> str:
+    """One line per problem: ``source: key: what is wrong (got value)``."""
+    lines = []
+    for item in error.errors():
+        key = _dotted(item["loc"]) or "(top level)"
+        if item["type"] == "extra_forbidden":
+            allowed = ", ".join(_allowed_keys(item["loc"]))
+            lines.append(f"{source}: unknown key '{key}'; allowed here: {allowed}")
+        elif item["type"] == "union_tag_invalid":
+            lines.append(
+                f"{source}: '{key}.name' must be one of {sorted(STRATEGY_SECTIONS)} "
+                f"(got {item['input'].get('name') if isinstance(item['input'], dict) else None!r})"
+            )
+        else:
+            message = item["msg"].removeprefix("Value error, ")
+            got = f" (got {item['input']!r})" if item["type"] != "value_error" else ""
+            lines.append(f"{source}: {key}: {message}{got}")
+    return "\n".join(lines)
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist; pass an existing YAML file")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.MarkedYAMLError as err:
+        mark = err.problem_mark
+        where = f"line {mark.line + 1}, column {mark.column + 1}" if mark else "unknown position"
+        raise ConfigError(f"{path}: malformed YAML at {where}: {err.problem}") from None
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: malformed YAML: {err}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of sections, got {type(data).__name__}")
+    return data
+
+
+def apply_override(data: dict[str, Any], override: str) -> None:
+    """Apply one ``dotted.key=value`` override to raw config ``data`` in place.
+
+    The value is parsed as YAML (``4`` is an int, ``true`` a bool, ``[1, 2]`` a list).
+
+    Raises:
+        ConfigError: no ``=``, an empty key, a malformed value, or a key below a non-section.
+    """
+    key, sep, raw = override.partition("=")
+    key = key.strip()
+    if not sep or not key or any(not p for p in key.split(".")):
+        raise ConfigError(
+            f"override {override!r}: expected dotted.key=value, e.g. strategy.max_global_skips=4"
+        )
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError:
+        raise ConfigError(f"override {override!r}: the value is not valid YAML") from None
+    *parents, leaf = key.split(".")
+    node = data
+    for i, part in enumerate(parents):
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(
+                f"override {override!r}: '{'.'.join(parents[: i + 1])}' is a value, not a section"
+            )
+        node = child
+    node[leaf] = value
+
+
+def load_config(
+    path: str | os.PathLike[str] | None, overrides: Sequence[str] = ()
+) -> Config:
+    """Load, override and validate a config.
+
+    Args:
+        path: YAML file, or ``None`` for the defaults.
+        overrides: ``dotted.key=value`` strings applied in order (``--set`` on the CLI).
+
+    Returns:
+        The validated :class:`Config`; ``trainer.output_dir`` defaults to
+        ``runs/<config file stem>`` (``runs/default`` without a file).
+
+    Raises:
+        ConfigError: naming the file, the dotted key and the allowed values.
+    """
+    source = str(path) if path is not None else "<defaults>"
+    data = _read_yaml(Path(path)) if path is not None else {}
+    for override in overrides:
+        apply_override(data, override)
+    try:
+        config = Config.model_validate(data)
+    except ValidationError as err:
+        raise ConfigError(format_validation_error(err, source)) from None
+    if not config.trainer.output_dir:
+        stem = Path(path).stem if path is not None else "default"
+        config.trainer.output_dir = str(Path("runs") / stem)
+    return config
+
+
+def _type_name(annotation: Any) -> str:
+    origin = typing.get_origin(annotation)
+    if origin is Literal:
+        return " \\| ".join(str(a) for a in typing.get_args(annotation))
+    if origin in (Union, getattr(__import__("types"), "UnionType", Union)):
+        return " \\| ".join(_type_name(a) for a in typing.get_args(annotation))
+    if origin is list:
+        return f"list[{_type_name(typing.get_args(annotation)[0])}]"
+    return "null" if annotation is type(None) else getattr(annotation, "__name__", str(annotation))
+
+
+def iter_reference() -> Iterator[tuple[str, str, str, str]]:
+    """``(dotted key, type, default, description)`` for every config key, in schema order."""
+    sections: list[tuple[str, type[Section]]] = [
+        (name, field.annotation)
+        for name, field in Config.model_fields.items()
+        if name != "strategy"
+    ]
+    sections += [(f"strategy ({name})", cls) for name, cls in STRATEGY_SECTIONS.items()]
+    for prefix, cls in sections:
+        for name, field in cls.model_fields.items():
+            default = field.get_default(call_default_factory=True)
+            key = f"{prefix.split(' ')[0]}.{name}"
+            if prefix.startswith("strategy") and name != "name":
+                key = f"strategy.{name} ({prefix[10:-1]})"
+            yield key, _type_name(field.annotation), repr(default), field.description or ""
+
+
+def reference_table() -> str:
+    """The config reference as a Markdown table (the README embeds it; a test compares)."""
+    rows = ["| key | type | default | meaning |", "|---|---|---|---|"]
+    rows += [f"| `{k}` | {t} | `{d}` | {m} |" for k, t, d, m in iter_reference()]
+    return "\n".join(rows)

@@ -1,0 +1,223 @@
+"""When to synchronise: the DASO schedule and its plateau detector.
+
+Pure bookkeeping, no communication: given the epoch and the globally averaged loss of the
+epoch before, it decides the three knobs of DASO (Coquelin et al., J. Big Data 9:14, 2022,
+section 3.3, "Selective synchronisation"):
+
+* ``global_skips`` S: a cross-node sync starts on every S-th batch (S = 0: blocking sync on
+  every batch);
+* ``local_skips``: node-local gradient averaging on every ``local_skips``-th batch (1 = every
+  batch), and on every batch that starts a cross-node sync;
+* ``batches_to_wait`` W: a non-blocking cross-node sync is merged W batches after it started.
+
+Phases: the first ``warmup_epochs`` and the last ``cooldown_epochs`` are blocking (S = W = 0,
+local sync every batch). Cycling starts at ``S = max_global_skips // 2``, ``local_skips = 1``,
+``W = 1``; each loss plateau divides S and local skips by ``skip_reduction_factor`` and lowers
+W by one (never below 1); a plateau at S = 1 resets to ``S = max_global_skips`` and
+``local_skips = W = max_global_skips // local_skip_factor``. W never exceeds S, so at most one
+sync is in flight.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any
+
+from daso.errors import ConfigError
+
+WARMUP, CYCLING, COOLDOWN = "warmup", "cycling", "cooldown"
+
+
+@dataclasses.dataclass(frozen=True)
+class SyncParams:
+    """The schedule's knobs for one epoch.
+
+    Attributes:
+        global_skips: S, batches between cross-node sync starts (0 = blocking every batch).
+        local_skips: batches between node-local gradient averages (1 = every batch).
+        batches_to_wait: W, batches between the start of a non-blocking sync and its merge.
+        phase: ``"warmup"``, ``"cycling"`` or ``"cooldown"``.
+    """
+
+    global_skips: int
+    local_skips: int
+    batches_to_wait: int
+    phase: str
+
+    @property
+    def blocking(self) -> bool:
+        """True when every batch ends with a blocking cross-node average."""
+        return self.global_skips == 0
+
+    def is_send_batch(self, batch: int) -> bool:
+        """Whether batch ``batch`` (0-based in its epoch) starts a non-blocking cross-node sync."""
+        return not self.blocking and batch % self.global_skips == 0
+
+    def is_local_sync_batch(self, batch: int) -> bool:
+        """Whether batch ``batch`` averages gradients inside the node."""
+        return self.blocking or batch % self.local_skips == 0 or self.is_send_batch(batch)
+
+
+BLOCKING = {phase: SyncParams(0, 1, 0, phase) for phase in (WARMUP, COOLDOWN)}
+
+
+class PlateauDetector:
+    """Detects a loss plateau the way ``torch.optim.lr_scheduler.ReduceLROnPlateau`` does.
+
+    Mode "min" with a relative threshold: an epoch improves when
+    ``loss < best * (1 - threshold)``; a plateau is reported when more than ``patience``
+    epochs in a row did not improve, and the count starts again.
+
+    Args:
+        threshold: relative improvement that counts (DASO's ``stability_level``), in [0, 1).
+        patience: epochs without improvement tolerated before a plateau, >= 0.
+    """
+
+    def __init__(self, threshold: float = 0.05, patience: int = 2) -> None:
+        self.threshold = threshold
+        self.patience = patience
+        self.best = math.inf
+        self.num_bad_epochs = 0
+
+    def step(self, loss: float) -> bool:
+        """Record one epoch's loss; return True if this completes a plateau."""
+        if loss < self.best * (1.0 - self.threshold):
+            self.best = loss
+            self.num_bad_epochs = 0
+            return False
+        self.num_bad_epochs += 1
+        if self.num_bad_epochs > self.patience:
+            self.num_bad_epochs = 0
+            return True
+        return False
+
+    def state_dict(self) -> dict[str, Any]:
+        """Everything needed to resume: best loss and the bad-epoch count."""
+        return {"best": self.best, "num_bad_epochs": self.num_bad_epochs}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore from :meth:`state_dict`."""
+        self.best = float(state["best"])
+        self.num_bad_epochs = int(state["num_bad_epochs"])
+
+
+class DASOSchedule:
+    """The DASO controller: sync parameters per epoch, adapted from the epoch losses.
+
+    Args:
+        epochs: total epochs of the run (cool-down is the last ``cooldown_epochs`` of them).
+        warmup_epochs: blocking epochs at the start (0 = start cycling at once).
+        cooldown_epochs: blocking epochs at the end.
+        stability_level: relative loss improvement below which an epoch counts as no progress.
+        patience: epochs without progress tolerated before a plateau.
+        max_global_skips: largest S; cycling starts at ``max_global_skips // 2``.
+        skip_reduction_factor: S and local skips are divided by it on a plateau.
+        local_skip_factor: after a reset, ``local_skips = W = max_global_skips // local_skip_factor``.
+
+    Raises:
+        ConfigError: an out-of-range value or ``warmup_epochs + cooldown_epochs > epochs``.
+
+    Example:
+        >>> s = DASOSchedule(epochs=6, warmup_epochs=1, cooldown_epochs=1)
+        >>> s.params.global_skips, s.end_epoch(2.0).global_skips
+        (0, 4)
+    """
+
+    def __init__(
+        self,
+        epochs: int,
+        warmup_epochs: int = 4,
+        cooldown_epochs: int = 4,
+        stability_level: float = 0.05,
+        patience: int = 2,
+        max_global_skips: int = 8,
+        skip_reduction_factor: int = 2,
+        local_skip_factor: int = 4,
+    ) -> None:
+        checks = [
+            (epochs >= 1, f"epochs must be >= 1, got {epochs}"),
+            (warmup_epochs >= 0, f"warmup_epochs must be >= 0, got {warmup_epochs}"),
+            (cooldown_epochs >= 0, f"cooldown_epochs must be >= 0, got {cooldown_epochs}"),
+            (
+                warmup_epochs + cooldown_epochs <= epochs,
+                f"warmup_epochs ({warmup_epochs}) + cooldown_epochs ({cooldown_epochs}) exceeds "
+                f"epochs ({epochs}); lower them or train longer",
+            ),
+            (0 <= stability_level < 1, f"stability_level must be in [0, 1), got {stability_level}"),
+            (patience >= 0, f"patience must be >= 0, got {patience}"),
+            (max_global_skips >= 1, f"max_global_skips must be >= 1, got {max_global_skips}"),
+            (
+                skip_reduction_factor >= 2,
+                f"skip_reduction_factor must be >= 2, got {skip_reduction_factor}",
+            ),
+            (local_skip_factor >= 1, f"local_skip_factor must be >= 1, got {local_skip_factor}"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ConfigError(f"DASO schedule: {message}")
+        self.epochs = epochs
+        self.warmup_epochs = warmup_epochs
+        self.cooldown_epochs = cooldown_epochs
+        self.max_global_skips = max_global_skips
+        self.skip_reduction_factor = skip_reduction_factor
+        self.local_skip_factor = local_skip_factor
+        self.detector = PlateauDetector(stability_level, patience)
+        self.epoch = 0
+        self.params = self._entry_params(self.phase(0))
+
+    def phase(self, epoch: int) -> str:
+        """Phase of epoch ``epoch`` (0-based)."""
+        if epoch < self.warmup_epochs:
+            return WARMUP
+        if epoch >= self.epochs - self.cooldown_epochs:
+            return COOLDOWN
+        return CYCLING
+
+    def _entry_params(self, phase: str) -> SyncParams:
+        if phase != CYCLING:
+            return BLOCKING[phase]
+        return SyncParams(max(1, self.max_global_skips // 2), 1, 1, CYCLING)
+
+    def _after_plateau(self, p: SyncParams) -> SyncParams:
+        if p.global_skips > 1:
+            skips = max(1, p.global_skips // self.skip_reduction_factor)
+            local = max(1, p.local_skips // self.skip_reduction_factor)
+            return SyncParams(skips, local, max(1, min(p.batches_to_wait - 1, skips)), CYCLING)
+        reset = max(1, self.max_global_skips // self.local_skip_factor)
+        return SyncParams(self.max_global_skips, reset, min(reset, self.max_global_skips), CYCLING)
+
+    def end_epoch(self, loss: float) -> SyncParams:
+        """Feed the loss of the epoch just finished (averaged over all ranks); advance one epoch.
+
+        Args:
+            loss: the epoch's mean training loss over all ranks.
+
+        Returns:
+            The :class:`SyncParams` of the next epoch (also in :attr:`params`).
+        """
+        plateau = self.detector.step(float(loss))
+        previous = self.params.phase
+        self.epoch += 1
+        phase = self.phase(self.epoch)
+        if phase != CYCLING or previous != CYCLING:
+            if phase == CYCLING:
+                self.detector.num_bad_epochs = 0
+            self.params = self._entry_params(phase)
+        elif plateau:
+            self.params = self._after_plateau(self.params)
+        return self.params
+
+    def state_dict(self) -> dict[str, Any]:
+        """Epoch counter, current knobs and the plateau detector's state."""
+        return {
+            "epoch": self.epoch,
+            "params": dataclasses.asdict(self.params),
+            "detector": self.detector.state_dict(),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore from :meth:`state_dict`; the schedule then continues identically."""
+        self.epoch = int(state["epoch"])
+        self.params = SyncParams(**state["params"])
+        self.detector.load_state_dict(state["detector"])

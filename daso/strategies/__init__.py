@@ -1,0 +1,45 @@
+"""Training strategies, one module each, all behind :class:`~daso.strategies.base.Strategy`.
+
+=========  ==============================================================  ==================
+name       what it does                                                     source
+=========  ==============================================================  ==================
+ddp        gradient allreduce over all ranks every step (PyTorch DDP)       usual baseline
+daso       node-local gradient averaging, non-blocking selective            Coquelin et al.
+           cross-node parameter averaging at an adaptive rate               2022
+=========  ==============================================================  ==================
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from daso.strategies.base import Strategy
+from daso.strategies.daso import DASOStrategy, merge_stale_sum
+from daso.strategies.ddp import DDPStrategy
+from daso.topology import ProcessGroups
+
+STRATEGIES: dict[str, type[Strategy]] = {cls.name: cls for cls in (DDPStrategy, DASOStrategy)}
+
+
+def build_strategy(
+    name: str, groups: ProcessGroups, epochs: int, options: Mapping[str, Any] | None = None
+) -> Strategy:
+    """Instantiate strategy ``name`` with its keyword ``options`` (its config section's keys).
+
+    Raises:
+        ValueError: unknown ``name`` (the message lists the known ones).
+    """
+    if name not in STRATEGIES:
+        raise ValueError(f"unknown strategy {name!r}; choose one of {sorted(STRATEGIES)}")
+    return STRATEGIES[name](groups, epochs, **dict(options or {}))
+
+
+__all__ = [
+    "STRATEGIES",
+    "DASOStrategy",
+    "DDPStrategy",
+    "Strategy",
+    "build_strategy",
+    "merge_stale_sum",
+]

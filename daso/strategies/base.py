@@ -1,0 +1,91 @@
+"""The interface every training strategy implements.
+
+The trainer owns the loop; a strategy only answers a few calls, in this order per epoch::
+
+    model = strategy.wrap(model, optimizer)          # once, before the first epoch
+    strategy.begin_epoch(epoch, num_batches)
+    for batch in range(num_batches):
+        with strategy.sync_context(batch):           # node-local gradient averaging on/off
+            forward, backward
+        optimizer.step()
+        strategy.after_step(batch)                   # cross-node communication
+    metrics = strategy.epoch_metrics()               # knobs and counters of the epoch
+    strategy.end_epoch(epoch, global_mean_loss)      # controller input
+
+A new strategy is one module with one subclass of :class:`Strategy`, registered in
+:mod:`daso.strategies`.
+"""
+
+from __future__ import annotations
+
+import abc
+import contextlib
+from typing import Any, ClassVar
+
+import torch
+
+from daso.topology import ProcessGroups
+
+
+class Strategy(abc.ABC):
+    """Base class of the training strategies.
+
+    Args:
+        groups: this rank's :class:`~daso.topology.ProcessGroups`.
+        epochs: total epochs of the run (strategies with a schedule need it).
+        timeout_seconds: longest wait for a cross-node collective before
+            :class:`~daso.errors.CommTimeoutError`.
+
+    Attributes:
+        model: the wrapped model (after :meth:`wrap`).
+        optimizer: the user's optimizer (after :meth:`wrap`).
+    """
+
+    name: ClassVar[str] = ""
+
+    def __init__(self, groups: ProcessGroups, epochs: int, timeout_seconds: float = 300.0) -> None:
+        self.groups = groups
+        self.timeout = timeout_seconds
+        self.topology = groups.topology
+        self.epochs = epochs
+        self.model: torch.nn.Module | None = None
+        self.optimizer: torch.optim.Optimizer | None = None
+        self.num_batches = 0
+
+    @abc.abstractmethod
+    def wrap(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> torch.nn.Module:
+        """Return the module to run forward/backward on (e.g. a DDP wrapper of ``model``).
+
+        ``model`` is already on the device and identical on all ranks; it must not be
+        re-initialised.
+        """
+
+    def begin_epoch(self, epoch: int, num_batches: int) -> None:
+        """Called before the first batch of ``epoch``; ``num_batches`` is equal on all ranks."""
+        self.num_batches = num_batches
+
+    def sync_context(self, batch: int) -> contextlib.AbstractContextManager:
+        """Context for forward+backward of ``batch``: decides node-local gradient averaging."""
+        return contextlib.nullcontext()
+
+    def after_step(self, batch: int) -> None:
+        """Called on every rank after ``optimizer.step()`` of ``batch`` (0-based in its epoch)."""
+
+    def epoch_metrics(self) -> dict[str, float]:
+        """Numbers of the epoch just run, then reset: at least ``cross_node_bytes`` (this rank's
+        bytes handed to cross-node collectives) and ``comm_wait_seconds``; schedule knobs where
+        the strategy has them."""
+        return {"cross_node_bytes": 0, "comm_wait_seconds": 0.0}
+
+    def end_epoch(self, epoch: int, loss: float) -> None:
+        """Called after ``epoch`` with the training loss averaged over all ranks."""
+
+    def state_dict(self) -> dict[str, Any]:
+        """Everything the strategy keeps that a resumed run needs (no pending requests)."""
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore from :meth:`state_dict`."""
+
+    def close(self) -> None:
+        """Release threads and buffers."""

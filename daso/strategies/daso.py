@@ -1,0 +1,241 @@
+"""``daso``: Distributed Asynchronous and Selective Optimization.
+
+Coquelin, Debus, Götz, von der Lehr, Kahn, Siggel, Streit, "Accelerating neural network
+training with distributed asynchronous and selective optimization (DASO)", J. Big Data 9:14
+(2022), arXiv 2104.05588, section 3. Per batch ``b`` of an epoch of ``B`` batches:
+
+1. forward and backward; gradients are averaged inside the node (DDP over the node group)
+   unless the schedule skips this batch (``local_skips``);
+2. ``optimizer.step()`` on every rank;
+3. on a sending batch (``b % global_skips == 0``) the ranks of one cross-node group ``C_k``
+   start a non-blocking sum of their flattened parameters and floating-point buffers, sent as
+   bfloat16 by default; ``k`` rotates over the local ranks from one send to the next;
+   ``W = batches_to_wait`` batches later the sum is merged with the newer local parameters,
+
+   ``x <- (2W * x_local + sum_over_nodes(x_sent)) / (2W + N)``      (paper, eq. 1)
+
+   and broadcast from that rank to the rest of its node;
+4. the last batch of the epoch ends with a blocking average over all nodes (optionally of the
+   optimizer state too), so every epoch ends with all ranks identical;
+5. after the epoch, the loss averaged over all ranks goes to :class:`~daso.schedule.DASOSchedule`.
+
+During warm-up and cool-down the schedule is blocking: every batch ends with a blocking
+average (``global_skips = 0``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Any
+
+import torch
+
+from daso.comm import (
+    WIRE_DTYPES,
+    CrossNodeSum,
+    FlatBuffer,
+    broadcast,
+    model_state_tensors,
+    no_sync,
+    optimizer_state_tensors,
+    wrap_data_parallel,
+)
+from daso.schedule import DASOSchedule
+from daso.strategies.base import Strategy
+from daso.topology import ProcessGroups
+
+#: Weight of the local parameters per batch of staleness in the merge (paper, eq. 1: 2W).
+STALENESS_WEIGHT = 2
+
+
+def merge_stale_sum(
+    local: torch.Tensor, summed: torch.Tensor, batches_waited: int, num_nodes: int
+) -> torch.Tensor:
+    """DASO's staleness-weighted merge, in place: ``local <- (2W local + summed) / (2W + N)``.
+
+    Args:
+        local: float32 ``[P]``, this rank's current (newer) parameters; overwritten.
+        summed: float32 ``[P]``, the sum over the N nodes of the parameters sent W batches ago.
+        batches_waited: W, batches since the send (0 gives the plain average ``summed / N``).
+        num_nodes: N.
+
+    Returns:
+        ``local``.
+    """
+    weight = STALENESS_WEIGHT * batches_waited
+    return local.mul_(weight).add_(summed).div_(weight + num_nodes)
+
+
+class DASOStrategy(Strategy):
+    """The DASO strategy (see the module docstring for the algorithm).
+
+    Args:
+        groups: the process groups; ``groups.cross_comm`` is this rank's ``C_i`` or ``None``.
+        epochs: total epochs (the cool-down is the last ``cooldown_epochs``).
+        warmup_epochs, cooldown_epochs, stability_level, patience, max_global_skips,
+            skip_reduction_factor, local_skip_factor: the schedule (:class:`DASOSchedule`).
+        downcast: wire dtype of cross-node syncs: ``"bfloat16"``, ``"float16"`` or ``"float32"``.
+        sync_optimizer_state: also average floating-point optimizer state (momentum, Adam
+            moments) across nodes in the blocking sync at the end of each epoch.
+        poll_interval_seconds: how the communication thread drives MPI (see
+            :class:`~daso.comm.CrossNodeSum`).
+        timeout_seconds: longest wait for a cross-node sum before
+            :class:`~daso.errors.CommTimeoutError`.
+    """
+
+    name = "daso"
+
+    def __init__(
+        self,
+        groups: ProcessGroups,
+        epochs: int,
+        *,
+        warmup_epochs: int = 4,
+        cooldown_epochs: int = 4,
+        stability_level: float = 0.05,
+        patience: int = 2,
+        max_global_skips: int = 8,
+        skip_reduction_factor: int = 2,
+        local_skip_factor: int = 4,
+        downcast: str = "bfloat16",
+        sync_optimizer_state: bool = True,
+        poll_interval_seconds: float = 0.0,
+        timeout_seconds: float = 300.0,
+    ) -> None:
+        super().__init__(groups, epochs, timeout_seconds)
+        self.schedule = DASOSchedule(
+            epochs,
+            warmup_epochs=warmup_epochs,
+            cooldown_epochs=cooldown_epochs,
+            stability_level=stability_level,
+            patience=patience,
+            max_global_skips=max_global_skips,
+            skip_reduction_factor=skip_reduction_factor,
+            local_skip_factor=local_skip_factor,
+        )
+        self.wire_dtype = WIRE_DTYPES[downcast]
+        self.sync_optimizer_state = sync_optimizer_state
+        self.poll_interval = poll_interval_seconds
+        self.sender = 0  # local rank whose cross-node group C_k talks next
+        self.pending: tuple[int, int] | None = None  # (batch sent, sender local rank)
+        self.cross: CrossNodeSum | None = None
+        self.state: FlatBuffer | None = None
+        self._epoch_state: FlatBuffer | None = None
+        self._bytes_reported = 0
+        self._wait_reported = 0.0
+
+    # -- setup -------------------------------------------------------------------------------
+    def wrap(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> torch.nn.Module:
+        topo = self.topology
+        self.optimizer = optimizer
+        self.model = wrap_data_parallel(
+            model, self.groups.node_group, topo.local_world_size, self.groups.device
+        )
+        self.state = FlatBuffer(model_state_tensors(model), device=self.groups.device)
+        if self.groups.cross_comm is not None:
+            self.cross = CrossNodeSum(
+                self.groups.cross_comm,
+                self.state.numel,
+                self.wire_dtype,
+                self.groups.device,
+                timeout=self.timeout,
+                poll_interval=self.poll_interval,
+            )
+        return self.model
+
+    # -- per batch -----------------------------------------------------------------------------
+    def sync_context(self, batch: int) -> contextlib.AbstractContextManager:
+        if self.schedule.params.is_local_sync_batch(batch):
+            return contextlib.nullcontext()
+        return no_sync(self.model)
+
+    def after_step(self, batch: int) -> None:
+        params = self.schedule.params
+        last = batch == self.num_batches - 1
+        if self.pending is not None:
+            waited = batch - self.pending[0]
+            if last or waited >= params.batches_to_wait:
+                self._merge(waited)
+        if last:
+            self._global_average(with_optimizer=self.sync_optimizer_state)
+        elif params.blocking and self.topology.num_nodes > 1:
+            self._global_average(with_optimizer=False)
+        elif params.is_send_batch(batch):
+            self._start_send(batch)
+
+    def _next_sender(self) -> int:
+        sender = self.sender
+        self.sender = (sender + 1) % self.topology.num_cross_groups
+        return sender
+
+    def _sender_rank(self, sender: int) -> int:
+        return self.topology.global_rank(self.topology.node_rank, sender)
+
+    def _start_send(self, batch: int) -> None:
+        sender = self._next_sender()
+        self.pending = (batch, sender)
+        if self.topology.local_rank == sender and self.cross is not None:
+            self.cross.start(self.state.pack(), tag=f"DASO send at batch {batch}")
+
+    def _merge(self, batches_waited: int) -> None:
+        _, sender = self.pending
+        self.pending = None
+        if self.topology.local_rank == sender and self.cross is not None:
+            summed = self.cross.wait()
+            merge_stale_sum(self.state.pack(), summed, batches_waited, self.topology.num_nodes)
+        broadcast(self.state.flat, self._sender_rank(sender), self.groups.node_group)
+        self.state.unpack()
+
+    def _epoch_buffer(self) -> FlatBuffer:
+        """Model state followed by the optimizer's floating-point state (rebuilt if it grew)."""
+        tensors = self.state.tensors + optimizer_state_tensors(self.optimizer)
+        if self._epoch_state is None or not self._epoch_state.matches(tensors):
+            self._epoch_state = FlatBuffer(tensors, device=self.groups.device)
+            if self.cross is not None:
+                self.cross.reserve(self._epoch_state.numel)
+        return self._epoch_state
+
+    def _global_average(self, with_optimizer: bool) -> None:
+        """Blocking average of the state over all nodes, then node-local broadcast."""
+        topo = self.topology
+        if topo.num_nodes == 1 and topo.local_world_size == 1:
+            return
+        sender = self._next_sender()
+        buffer = self._epoch_buffer() if with_optimizer else self.state
+        if topo.local_rank == sender:
+            flat = buffer.pack()
+            if self.cross is not None:
+                flat.copy_(self.cross.allreduce(flat, tag="DASO blocking average"))
+                flat.div_(topo.num_nodes)
+        broadcast(buffer.flat, self._sender_rank(sender), self.groups.node_group)
+        buffer.unpack()
+
+    # -- per epoch -----------------------------------------------------------------------------
+    def epoch_metrics(self) -> dict[str, float]:
+        params = self.schedule.params
+        sent = self.cross.bytes_sent if self.cross is not None else 0
+        waited = self.cross.wait_seconds if self.cross is not None else 0.0
+        metrics = {
+            "global_skips": params.global_skips,
+            "local_skips": params.local_skips,
+            "batches_to_wait": params.batches_to_wait,
+            "cross_node_bytes": sent - self._bytes_reported,
+            "comm_wait_seconds": waited - self._wait_reported,
+        }
+        self._bytes_reported, self._wait_reported = sent, waited
+        return metrics
+
+    def end_epoch(self, epoch: int, loss: float) -> None:
+        self.schedule.end_epoch(loss)
+
+    def state_dict(self) -> dict[str, Any]:
+        assert self.pending is None, "an epoch always ends with its sync merged"
+        return {"schedule": self.schedule.state_dict(), "sender": self.sender}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.schedule.load_state_dict(state["schedule"])
+        self.sender = int(state["sender"])
+
+    def close(self) -> None:
+        if self.cross is not None:
+            self.cross.close()

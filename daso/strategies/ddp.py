@@ -1,0 +1,43 @@
+"""``ddp``: synchronous gradient allreduce over all ranks every step (the usual baseline).
+
+PyTorch's ``DistributedDataParallel`` over the whole world; every rank's gradient crosses the
+node boundary every step.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from daso.comm import ByteCounter, broadcast_tensors, model_state_tensors, wrap_data_parallel
+from daso.strategies.base import Strategy
+from daso.topology import ProcessGroups
+
+
+class DDPStrategy(Strategy):
+    """Plain data parallelism: DDP over all ranks, gradients averaged every batch.
+
+    ``cross_node_bytes`` counts the gradient buckets each rank hands to DDP's allreduce when the
+    job spans more than one node (0 on one node). At the end of every epoch, floating-point
+    buffers (BatchNorm statistics) are broadcast from rank 0 so all ranks hold the same model.
+    """
+
+    name = "ddp"
+
+    def __init__(self, groups: ProcessGroups, epochs: int, timeout_seconds: float = 300.0) -> None:
+        super().__init__(groups, epochs, timeout_seconds)
+        self.counter = ByteCounter()
+
+    def wrap(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> torch.nn.Module:
+        self.optimizer = optimizer
+        counter = self.counter if self.topology.num_nodes > 1 else None
+        self.model = wrap_data_parallel(
+            model, self.groups.world_group, self.topology.world_size, self.groups.device, counter
+        )
+        return self.model
+
+    def epoch_metrics(self) -> dict[str, float]:
+        sent, self.counter.bytes_sent = self.counter.bytes_sent, 0
+        return {"cross_node_bytes": sent, "comm_wait_seconds": 0.0}
+
+    def end_epoch(self, epoch: int, loss: float) -> None:
+        broadcast_tensors(model_state_tensors(self.model), src=0)

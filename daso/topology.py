@@ -1,0 +1,459 @@
+"""Who am I: rank, node and local rank, read from the launcher, and the process groups built on them.
+
+The layer at the bottom of :mod:`daso`. It answers three questions for each process:
+
+* the launcher's view (``rank``, ``world_size``, ``local_rank``, ``local_world_size``), read
+  from Slurm, Open MPI, MPICH/Hydra (PMI) or torchrun environment variables
+  (:func:`read_launcher_env`);
+* the node layout (which ranks share a node; nodes may hold different numbers of ranks), found
+  by exchanging a node key over MPI (:func:`layout_from_keys`) or, to emulate several nodes on
+  one machine, from the ``DASO_RANKS_PER_NODE`` override (:func:`layout_from_override`);
+* the groups: the node-local ``torch.distributed`` group used for gradient averaging and the
+  cross-node MPI communicators ``C_i`` (one per local rank index ``i < min_n L_n``, DASO paper
+  section 3), built by :func:`init_distributed`.
+
+Ranks of a node are usually contiguous, but nothing here assumes it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import logging
+import os
+import socket
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from daso.errors import TopologyError
+
+log = logging.getLogger(__name__)
+
+#: Environment variable that emulates nodes on one machine: ``"2"`` (every node holds 2 ranks)
+#: or a comma-separated list such as ``"2,1"`` (node 0 holds ranks 0-1, node 1 holds rank 2).
+RANKS_PER_NODE_ENV = "DASO_RANKS_PER_NODE"
+
+# (launcher name, rank, world size, local rank, local world size, node id) variable names.
+_LAUNCHERS: tuple[tuple[str, str, str, str | None, str | None, str | None], ...] = (
+    ("torchrun", "RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK"),
+    ("openmpi", "OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_SIZE",
+     "OMPI_COMM_WORLD_LOCAL_RANK", "OMPI_COMM_WORLD_LOCAL_SIZE", None),
+    ("mpich", "PMI_RANK", "PMI_SIZE", "MPI_LOCALRANKID", "MPI_LOCALNRANKS", None),
+    ("slurm", "SLURM_PROCID", "SLURM_NTASKS", "SLURM_LOCALID", None, "SLURM_NODEID"),
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class LauncherInfo:
+    """What the launcher's environment says about this process.
+
+    Attributes:
+        source: ``"torchrun"``, ``"openmpi"``, ``"mpich"``, ``"slurm"`` or ``"none"`` (a single
+            process started by hand).
+        rank: global rank in ``[0, world_size)``.
+        world_size: number of processes in the job.
+        local_rank: rank within this node, or ``None`` if the launcher does not say.
+        local_world_size: ranks on this node, or ``None`` if the launcher does not say.
+        node_id: the launcher's node index (Slurm ``SLURM_NODEID``), or ``None``.
+        variables: the variables read, name -> value, for error messages.
+    """
+
+    source: str
+    rank: int
+    world_size: int
+    local_rank: int | None = None
+    local_world_size: int | None = None
+    node_id: int | None = None
+    variables: tuple[tuple[str, str], ...] = ()
+
+
+def _int_var(env: Mapping[str, str], name: str, source: str) -> int:
+    value = env[name]
+    try:
+        return int(value)
+    except ValueError:
+        raise TopologyError(
+            f"{source} launcher: environment variable {name}={value!r} is not an integer; "
+            f"unset it or launch with {source} normally"
+        ) from None
+
+
+def read_launcher_env(env: Mapping[str, str] | None = None) -> LauncherInfo:
+    """Read rank, world size and local rank from the launcher's environment variables.
+
+    Launchers are tried in the order torchrun (``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``,
+    ``LOCAL_WORLD_SIZE``), Open MPI (``OMPI_COMM_WORLD_*``), MPICH/Hydra (``PMI_RANK``,
+    ``PMI_SIZE``, ``MPI_LOCALRANKID``, ``MPI_LOCALNRANKS``), Slurm (``SLURM_PROCID``,
+    ``SLURM_NTASKS``, ``SLURM_LOCALID``, ``SLURM_NODEID``); the first whose rank and size
+    variables are both set wins. With none set the process is a single rank.
+
+    Args:
+        env: the environment to read (default ``os.environ``).
+
+    Returns:
+        The :class:`LauncherInfo`.
+
+    Raises:
+        TopologyError: a variable is not an integer, or rank/local rank is out of range.
+    """
+    env = os.environ if env is None else env
+    for source, rank_var, size_var, local_var, local_size_var, node_var in _LAUNCHERS:
+        if rank_var not in env or size_var not in env:
+            continue
+        names = [n for n in (rank_var, size_var, local_var, local_size_var, node_var) if n]
+        variables = tuple((n, env[n]) for n in names if n in env)
+        rank = _int_var(env, rank_var, source)
+        world_size = _int_var(env, size_var, source)
+        local_rank = _int_var(env, local_var, source) if local_var and local_var in env else None
+        local_size = (
+            _int_var(env, local_size_var, source)
+            if local_size_var and local_size_var in env
+            else None
+        )
+        node_id = _int_var(env, node_var, source) if node_var and node_var in env else None
+        shown = ", ".join(f"{k}={v}" for k, v in variables)
+        if world_size < 1 or not 0 <= rank < world_size:
+            raise TopologyError(
+                f"{source} launcher: rank {rank} is not in [0, world size {world_size}) "
+                f"(read {shown}); check the launcher's command line"
+            )
+        if local_rank is not None and local_size is not None and not 0 <= local_rank < local_size:
+            raise TopologyError(
+                f"{source} launcher: local rank {local_rank} is not in [0, {local_size}) "
+                f"(read {shown})"
+            )
+        return LauncherInfo(source, rank, world_size, local_rank, local_size, node_id, variables)
+    return LauncherInfo("none", 0, 1, 0, 1, None, ())
+
+
+def layout_from_override(spec: str, world_size: int) -> list[int]:
+    """Node index of every rank from a ``DASO_RANKS_PER_NODE`` value (emulated nodes).
+
+    Args:
+        spec: ``"M"`` (every node holds M ranks; M must divide ``world_size``) or ``"M0,M1,..."``
+            (node n holds ``M_n`` ranks, contiguous; the sum must equal ``world_size``).
+        world_size: number of processes in the job.
+
+    Returns:
+        ``node_of_rank``: a list of length ``world_size``, node index of each global rank.
+
+    Raises:
+        TopologyError: the value does not parse or does not split ``world_size``.
+    """
+    where = f"{RANKS_PER_NODE_ENV}={spec!r} with world size {world_size}"
+    try:
+        counts = [int(part) for part in spec.replace(" ", "").split(",") if part]
+    except ValueError:
+        raise TopologyError(
+            f"{where}: expected an integer such as '2' or a list such as '2,1'"
+        ) from None
+    if not counts or any(c < 1 for c in counts):
+        raise TopologyError(f"{where}: every node needs at least one rank")
+    if len(counts) == 1:
+        per_node = counts[0]
+        if world_size % per_node != 0:
+            raise TopologyError(
+                f"{where}: {per_node} ranks per node does not divide {world_size} ranks; "
+                f"launch a multiple of {per_node} ranks or give a list such as "
+                f"'{per_node},{world_size % per_node}'"
+            )
+        counts = [per_node] * (world_size // per_node)
+    if sum(counts) != world_size:
+        raise TopologyError(
+            f"{where}: the list holds {sum(counts)} ranks but the job has {world_size}; "
+            "make the counts add up to the number of launched processes"
+        )
+    return [node for node, count in enumerate(counts) for _ in range(count)]
+
+
+def layout_from_keys(keys: Sequence[Any]) -> list[int]:
+    """Node index of every rank from a per-rank node key (hostname or launcher node id).
+
+    Nodes are numbered in the order of their lowest global rank.
+
+    Args:
+        keys: ``keys[r]`` identifies the node of rank ``r`` (equal keys = same node).
+
+    Returns:
+        ``node_of_rank``, a list of ``len(keys)`` node indices.
+    """
+    index: dict[Any, int] = {}
+    return [index.setdefault(key, len(index)) for key in keys]
+
+
+@dataclasses.dataclass(frozen=True)
+class Topology:
+    """The cluster layout as seen from one rank.
+
+    Attributes:
+        rank: global rank in ``[0, world_size)``.
+        world_size: number of processes.
+        node_of_rank: node index of every global rank (length ``world_size``).
+        hostname: this process's host name.
+        source: where the layout came from (``"override"``, ``"slurm"``, ``"hostname"``, ...).
+    """
+
+    rank: int
+    world_size: int
+    node_of_rank: tuple[int, ...]
+    hostname: str = dataclasses.field(default_factory=socket.gethostname)
+    source: str = "none"
+
+    def __post_init__(self) -> None:
+        if len(self.node_of_rank) != self.world_size:
+            raise TopologyError(
+                f"node layout lists {len(self.node_of_rank)} ranks but world size is "
+                f"{self.world_size}"
+            )
+
+    @property
+    def num_nodes(self) -> int:
+        """Number of nodes N."""
+        return max(self.node_of_rank) + 1
+
+    @property
+    def node_rank(self) -> int:
+        """Index of this rank's node in ``[0, num_nodes)``."""
+        return self.node_of_rank[self.rank]
+
+    def ranks_on_node(self, node: int) -> list[int]:
+        """Global ranks of node ``node``, ascending; position in the list is the local rank."""
+        return [r for r, n in enumerate(self.node_of_rank) if n == node]
+
+    @property
+    def node_ranks(self) -> list[int]:
+        """Global ranks on this rank's node."""
+        return self.ranks_on_node(self.node_rank)
+
+    @property
+    def local_rank(self) -> int:
+        """Rank within this node."""
+        return self.node_ranks.index(self.rank)
+
+    @property
+    def local_world_size(self) -> int:
+        """Ranks on this node, ``L_n``."""
+        return len(self.node_ranks)
+
+    @property
+    def ranks_per_node(self) -> list[int]:
+        """``L_n`` for every node ``n``."""
+        return [len(self.ranks_on_node(n)) for n in range(self.num_nodes)]
+
+    @property
+    def num_cross_groups(self) -> int:
+        """Number of cross-node groups ``C_i``: ``min_n L_n`` (DASO, section 3)."""
+        return min(self.ranks_per_node)
+
+    def cross_group_ranks(self, local_rank: int) -> list[int]:
+        """Global ranks of ``C_i``: local rank ``i`` of every node, in node order."""
+        if not 0 <= local_rank < self.num_cross_groups:
+            raise ValueError(
+                f"cross-node group C_{local_rank} does not exist: local ranks 0.."
+                f"{self.num_cross_groups - 1} have one (min ranks per node)"
+            )
+        return [self.ranks_on_node(n)[local_rank] for n in range(self.num_nodes)]
+
+    def global_rank(self, node: int, local_rank: int) -> int:
+        """Global rank of local rank ``local_rank`` on node ``node``."""
+        return self.ranks_on_node(node)[local_rank]
+
+    def describe(self) -> str:
+        """One line for logs and ``daso info``."""
+        cross = (
+            f"C_{self.local_rank}={self.cross_group_ranks(self.local_rank)}"
+            if self.local_rank < self.num_cross_groups
+            else "none (more ranks on this node than on the smallest node)"
+        )
+        return (
+            f"rank {self.rank}/{self.world_size} host {self.hostname} node "
+            f"{self.node_rank}/{self.num_nodes} local_rank {self.local_rank}/"
+            f"{self.local_world_size} node_group={self.node_ranks} cross_group={cross} "
+            f"(layout from {self.source})"
+        )
+
+
+def resolve_topology(
+    info: LauncherInfo,
+    all_keys: Sequence[Any] | None,
+    override: str | None,
+    hostname: str,
+) -> Topology:
+    """Combine the launcher's view, the exchanged node keys and the override into a Topology.
+
+    Args:
+        info: this rank's :class:`LauncherInfo`.
+        all_keys: node key of every rank (gathered over MPI), or ``None`` with one process.
+        override: the ``DASO_RANKS_PER_NODE`` value, or ``None``.
+        hostname: this process's host name (for display).
+
+    Raises:
+        TopologyError: the override does not split the world, or the launcher's local rank /
+            local size disagrees with the layout found (for instance a wrong override).
+    """
+    if override:
+        node_of_rank = layout_from_override(override, info.world_size)
+        source = "override"
+    elif all_keys is not None:
+        node_of_rank = layout_from_keys(all_keys)
+        source = "slurm" if info.node_id is not None else "hostname"
+    else:
+        node_of_rank = [0] * info.world_size
+        source = info.source
+    topo = Topology(info.rank, info.world_size, tuple(node_of_rank), hostname, source)
+    if not override and info.local_rank is not None and info.local_rank != topo.local_rank:
+        shown = ", ".join(f"{k}={v}" for k, v in info.variables)
+        raise TopologyError(
+            f"the launcher says local rank {info.local_rank} ({shown}) but ranks grouped by "
+            f"{source} give local rank {topo.local_rank}; set {RANKS_PER_NODE_ENV} to state "
+            "the layout explicitly"
+        )
+    return topo
+
+
+def detect_topology(comm: Any | None = None, env: Mapping[str, str] | None = None) -> Topology:
+    """Detect this process's topology from the launcher and MPI.
+
+    Reads the launcher variables (:func:`read_launcher_env`), then, when MPI's world matches
+    the launcher's, gathers every rank's node key over MPI: the override
+    (``DASO_RANKS_PER_NODE``), else ``SLURM_NODEID``, else the host name (MPI processor name).
+
+    Args:
+        comm: an mpi4py communicator spanning the job (default ``MPI.COMM_WORLD``).
+        env: environment to read (default ``os.environ``).
+
+    Raises:
+        TopologyError: an impossible layout, or a launcher world that MPI does not see (for
+            example several nodes under torchrun, where the cross-node layer has no MPI).
+    """
+    env = os.environ if env is None else env
+    info = read_launcher_env(env)
+    override = env.get(RANKS_PER_NODE_ENV) or None
+    if comm is None:
+        from mpi4py import MPI
+
+        comm = MPI.COMM_WORLD
+        hostname = MPI.Get_processor_name()
+    else:
+        hostname = socket.gethostname()
+    if info.source == "none" and comm.Get_size() > 1:
+        info = LauncherInfo("mpi", comm.Get_rank(), comm.Get_size())
+    if comm.Get_size() == info.world_size and comm.Get_rank() == info.rank:
+        key = (info.node_id, "") if info.node_id is not None else (None, hostname)
+        all_keys = comm.allgather(key) if info.world_size > 1 else [key]
+    elif info.world_size == 1:
+        all_keys = None
+    else:
+        shown = ", ".join(f"{k}={v}" for k, v in info.variables)
+        raise TopologyError(
+            f"{info.source} launcher reports {info.world_size} ranks ({shown}) but MPI sees "
+            f"{comm.Get_size()}; the cross-node layer needs MPI: launch with mpiexec/mpirun or "
+            "srun --mpi=pmi2 (torchrun alone works only for a single node)"
+        )
+    return resolve_topology(info, all_keys, override, hostname)
+
+
+@dataclasses.dataclass
+class ProcessGroups:
+    """The communicators one rank uses.
+
+    Attributes:
+        topology: the :class:`Topology`.
+        backend: ``"nccl"`` or ``"gloo"`` (torch.distributed backend of both groups).
+        world_group: ``torch.distributed`` group of all ranks.
+        node_group: ``torch.distributed`` group of this node's ranks.
+        cross_comm: mpi4py communicator ``C_i`` for this rank's local rank ``i``, or ``None`` if
+            this rank takes no part in cross-node traffic (``i >= min_n L_n``).
+        device: the ``torch.device`` tensors live on.
+    """
+
+    topology: Topology
+    backend: str
+    world_group: Any
+    node_group: Any
+    cross_comm: Any
+    device: Any
+
+
+def _rendezvous_address(topo: Topology, env: Mapping[str, str], comm: Any) -> str:
+    """``tcp://host:port`` for torch.distributed: from MASTER_ADDR/PORT, else chosen by rank 0."""
+    if "MASTER_ADDR" in env and "MASTER_PORT" in env:
+        return f"tcp://{env['MASTER_ADDR']}:{env['MASTER_PORT']}"
+    if topo.world_size > 1 and comm.Get_size() != topo.world_size:
+        raise TopologyError(
+            "no rendezvous address: MASTER_ADDR and MASTER_PORT are not set and MPI cannot "
+            "share one; set both (torchrun does) or launch with mpiexec/srun"
+        )
+    address = None
+    if topo.rank == 0:
+        host = env.get("MASTER_ADDR")
+        if host is None:
+            host = "127.0.0.1" if topo.num_nodes == 1 else socket.gethostbyname(topo.hostname)
+        with socket.socket() as s:
+            s.bind(("", 0))
+            address = f"tcp://{host}:{s.getsockname()[1]}"
+    return comm.bcast(address, root=0) if topo.world_size > 1 else address
+
+
+def init_distributed(
+    device: str = "auto",
+    timeout_seconds: float = 300.0,
+    env: Mapping[str, str] | None = None,
+) -> ProcessGroups:
+    """Detect the topology and build the node-local and cross-node groups.
+
+    Call once per process, on every rank, before training. Initialises ``torch.distributed``
+    (NCCL when ``device`` resolves to CUDA, else Gloo) over all ranks, the node-local subgroups,
+    and the cross-node MPI communicators ``C_i = {local rank i of every node}`` for
+    ``i < min_n L_n``. On CUDA it pins the process to GPU ``local_rank``.
+
+    Args:
+        device: ``"auto"`` (CUDA if available), ``"cpu"`` or ``"cuda"``.
+        timeout_seconds: timeout of torch.distributed collectives, in seconds.
+        env: environment to read (default ``os.environ``).
+
+    Raises:
+        TopologyError: impossible layout, missing rendezvous, or ``cuda`` requested without GPUs
+            (or fewer GPUs than ranks on a node).
+    """
+    import torch
+    import torch.distributed as dist
+    from mpi4py import MPI
+
+    env = os.environ if env is None else env
+    comm = MPI.COMM_WORLD
+    topo = detect_topology(comm, env)
+    use_cuda = device == "cuda" or (device == "auto" and torch.cuda.is_available())
+    if use_cuda:
+        count = torch.cuda.device_count()
+        if count == 0:
+            raise TopologyError("device 'cuda' requested but no CUDA GPU is visible; use cpu")
+        torch_device = torch.device("cuda", topo.local_rank % count)
+        torch.cuda.set_device(torch_device)
+        if topo.local_world_size > count:
+            log.warning(
+                "%d ranks share %d GPU(s) on node %d: NCCL refuses that, using Gloo",
+                topo.local_world_size, count, topo.node_rank,
+            )
+        backend = "nccl" if topo.local_world_size <= count else "gloo"
+    else:
+        torch_device = torch.device("cpu")
+        backend = "gloo"
+    if not dist.is_initialized():
+        dist.init_process_group(
+            backend,
+            init_method=_rendezvous_address(topo, env, comm),
+            rank=topo.rank,
+            world_size=topo.world_size,
+            timeout=datetime.timedelta(seconds=timeout_seconds),
+        )
+    groups = [topo.ranks_on_node(n) for n in range(topo.num_nodes)]
+    node_group, _ = dist.new_subgroups_by_enumeration(groups, backend=backend)
+    cross_comm = None
+    if comm.Get_size() == topo.world_size and topo.num_nodes > 1:
+        in_cross = topo.local_rank < topo.num_cross_groups
+        color = topo.local_rank if in_cross else MPI.UNDEFINED
+        split = comm.Split(color, key=topo.node_rank)
+        cross_comm = split if in_cross else None
+    log.debug("%s backend=%s", topo.describe(), backend)
+    return ProcessGroups(topo, backend, dist.group.WORLD, node_group, cross_comm, torch_device)
