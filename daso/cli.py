@@ -35,11 +35,19 @@ def build_datasets(config: Any) -> tuple[Any, Any]:
     Raises:
         DataError: a missing or malformed data path.
     """
+    from torch.utils.data import Subset
+
     data = config.data
     if data.name == "mnist":
         from daso.data import mnist_datasets
 
-        return mnist_datasets(data.root or None, val_size=data.val_size, seed=config.trainer.seed)
+        train, val = mnist_datasets(data.root or None, val_size=data.val_size,
+                                    seed=config.trainer.seed)
+        if data.train_subset is not None:
+            train = Subset(train, range(min(data.train_subset, len(train))))
+        if data.val_subset is not None:
+            val = Subset(val, range(min(data.val_subset, len(val))))
+        return train, val
     from daso.data import cifar10_datasets
 
     return cifar10_datasets(

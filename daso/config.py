@@ -130,6 +130,13 @@ class Config(Section):
     trainer: TrainerConfig = Field(default_factory=TrainerConfig)
     strategy: StrategyConfig = Field(default_factory=DASOConfig)
 
+    @model_validator(mode="before")
+    @classmethod
+    def _default_strategy_name(cls, data: Any) -> Any:
+        if isinstance(data, dict) and isinstance(data.get("strategy"), dict):
+            data["strategy"].setdefault("name", "daso")
+        return data
+
     @model_validator(mode="after")
     def _consistent(self) -> Config:
         strategy = self.strategy

@@ -180,9 +180,11 @@ class DASOStrategy(Strategy):
     def _merge(self, batches_waited: int) -> None:
         _, sender = self.pending
         self.pending = None
-        if self.topology.local_rank == sender and self.cross is not None:
-            summed = self.cross.wait()
-            merge_stale_sum(self.state.pack(), summed, batches_waited, self.topology.num_nodes)
+        if self.topology.local_rank == sender:
+            local = self.state.pack()
+            if self.cross is not None:
+                summed = self.cross.wait()
+                merge_stale_sum(local, summed, batches_waited, self.topology.num_nodes)
         broadcast(self.state.flat, self._sender_rank(sender), self.groups.node_group)
         self.state.unpack()
 

@@ -1,0 +1,26 @@
+# The two commands of the README: `make demo` and `make test`. Each creates (or reuses) the
+# virtual environment .venv inside the checkout and installs the project into it first.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# The CPU build of PyTorch; an unpinned torch would pull the multi-GB CUDA build.
+TORCH_SPEC ?= torch==2.13.0
+
+.PHONY: install demo test clean
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml Makefile
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet "$(TORCH_SPEC)"
+	$(PY) -m pip install --quiet -e ".[mpich,test]"
+	touch $@
+
+demo: install
+	launch/local.sh --nodes 2 --ranks-per-node 2 configs/mnist_cnn_daso.yaml
+
+test: install
+	$(PY) -m pytest -q
+
+clean:
+	rm -rf $(VENV) runs .cache .pytest_cache

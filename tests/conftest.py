@@ -1,0 +1,6 @@
+"""Make the shared multi-process harness importable as ``mpi_harness``."""
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))

@@ -1,0 +1,63 @@
+"""The one harness multi-process tests share: run N ranks under the venv's mpiexec.
+
+``run_ranks(scenario, n, layout)`` starts ``tests/mpi_worker.py SCENARIO OUT`` as ``n`` MPI
+processes with ``DASO_RANKS_PER_NODE=layout`` (emulated nodes), waits with a time limit, and
+returns what every rank saved (``OUT/rank<r>.pt``), indexed by rank.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+MPIEXEC = BIN / "mpiexec"
+WORKER = Path(__file__).with_name("mpi_worker.py")
+
+
+def mpi_env(layout: str | None) -> dict[str, str]:
+    """Environment for child ranks: emulated layout, one torch thread, the repo importable."""
+    env = dict(os.environ)
+    env.pop("DASO_RANKS_PER_NODE", None)
+    if layout is not None:
+        env["DASO_RANKS_PER_NODE"] = layout
+    env["OMP_NUM_THREADS"] = "1"
+    env["PYTHONPATH"] = f"{ROOT}{os.pathsep}{env.get('PYTHONPATH', '')}"
+    return env
+
+
+def run_command(args: list[str], n: int, layout: str | None, timeout: float = 240,
+                cwd: Path | None = None) -> subprocess.CompletedProcess:
+    """Run ``args`` (a program and its arguments) as ``n`` MPI ranks; kill all on timeout."""
+    proc = subprocess.Popen(
+        [str(MPIEXEC), "-n", str(n), *args], env=mpi_env(layout), cwd=cwd or ROOT,
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+    )
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, err = proc.communicate()
+        raise AssertionError(f"{args} did not finish in {timeout} s\n{out}\n{err}") from None
+    return subprocess.CompletedProcess(args, proc.returncode, out, err)
+
+
+def run_ranks(scenario: str, n: int, layout: str | None, tmp_path: Path,
+              params: dict[str, Any] | None = None, timeout: float = 240) -> list[Any]:
+    """Run ``scenario`` of ``mpi_worker.py`` on ``n`` ranks; return each rank's saved result."""
+    out = tmp_path / scenario
+    out.mkdir(parents=True, exist_ok=True)
+    result = run_command(
+        [sys.executable, str(WORKER), scenario, str(out), json.dumps(params or {})],
+        n, layout, timeout,
+    )
+    assert result.returncode == 0, f"{scenario} failed:\n{result.stdout}\n{result.stderr}"
+    return [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(n)]

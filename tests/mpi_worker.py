@@ -1,0 +1,160 @@
+"""Scenarios run on every rank by ``tests/mpi_harness.py`` (``python mpi_worker.py NAME OUT``).
+
+Each scenario builds the real process groups, runs real library code, and saves what the
+test needs to check (tensors, hashes, flags) to ``OUT/rank<r>.pt``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from daso.comm import CrossNodeSum, FlatBuffer, model_state_tensors, optimizer_state_tensors
+from daso.config import load_config
+from daso.schedule import SyncParams
+from daso.strategies import DASOStrategy
+from daso.topology import ProcessGroups, init_distributed
+
+
+def tiny_model() -> torch.nn.Module:
+    return torch.nn.Sequential(
+        torch.nn.Linear(8, 16), torch.nn.BatchNorm1d(16), torch.nn.ReLU(), torch.nn.Linear(16, 4)
+    )
+
+
+def digest(tensors: list[torch.Tensor]) -> str:
+    """SHA-256 of the tensors' bytes: equal digests mean bitwise-identical values."""
+    h = hashlib.sha256()
+    for t in tensors:
+        h.update(t.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def topology_info(groups: ProcessGroups) -> dict[str, Any]:
+    t = groups.topology
+    return {"rank": t.rank, "node": t.node_rank, "local_rank": t.local_rank,
+            "node_ranks": t.node_ranks, "num_nodes": t.num_nodes}
+
+
+def scenario_merge(groups: ProcessGroups, params: dict[str, Any]) -> dict[str, Any]:
+    """One send and merge (or blocking average for W = 0) with known per-rank values."""
+    rank = groups.topology.rank
+    cases = []
+    for downcast in ("float32", "bfloat16"):
+        for w in (0, 1, 2):
+            torch.manual_seed(0)
+            model = tiny_model()
+            strategy = DASOStrategy(groups, epochs=1, warmup_epochs=0, cooldown_epochs=0,
+                                    downcast=downcast)
+            strategy.wrap(model, torch.optim.SGD(model.parameters(), lr=0.1))
+            state = FlatBuffer(model_state_tensors(model))
+
+            def fill(seed: int) -> torch.Tensor:
+                values = torch.randn(state.numel, generator=torch.Generator().manual_seed(seed))
+                state.unpack(values)
+                return values.clone()
+
+            sent = fill(100 * (w + 1) + rank)
+            strategy.begin_epoch(0, 10)
+            if w == 0:
+                strategy.schedule.params = SyncParams(0, 1, 0, "warmup")
+                strategy.after_step(0)
+                local = sent
+            else:
+                strategy.schedule.params = SyncParams(4, 1, w, "cycling")
+                strategy.after_step(0)
+                local = fill(1000 * (w + 1) + rank)
+                for batch in range(1, w + 1):
+                    strategy.after_step(batch)
+            assert strategy.pending is None
+            cases.append({"downcast": downcast, "w": w, "sent": sent, "local": local,
+                          "final": state.pack().clone()})
+            strategy.close()
+    return {"topology": topology_info(groups), "cases": cases}
+
+
+def scenario_consistency(groups: ProcessGroups, params: dict[str, Any]) -> dict[str, Any]:
+    """Train DASO through the Trainer; record state digests per batch and per epoch."""
+    from daso.cli import build_datasets
+    from daso.models import build_model
+    from daso.trainer import Trainer
+
+    config = load_config(None, [
+        "trainer.epochs=6", "trainer.progress=false", "trainer.num_threads=1",
+        f"trainer.output_dir={params['out']}", "data.batch_size=16", "data.train_subset=1024",
+        "data.val_size=256", "strategy.warmup_epochs=0", "strategy.cooldown_epochs=1",
+        "strategy.max_global_skips=8", "strategy.patience=0", "strategy.stability_level=0.99",
+    ])
+    train_set, val_set = build_datasets(config)
+    torch.manual_seed(0)
+    model = build_model("mnist_cnn")
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    trainer = Trainer(model, optimizer, torch.nn.functional.cross_entropy, config, groups=groups)
+    strategy = trainer.strategy
+    batches: list[dict[str, Any]] = []
+    epochs: list[str] = []
+    after_step, end_epoch = strategy.after_step, strategy.end_epoch
+
+    def record_batch(batch: int) -> None:
+        p = strategy.schedule.params
+        after_step(batch)
+        batches.append({"epoch": strategy.schedule.epoch, "batch": batch,
+                        "local_skips": p.local_skips, "global_skips": p.global_skips,
+                        "local_sync": p.is_local_sync_batch(batch),
+                        "params": digest(list(model.parameters()))})
+
+    def record_epoch(epoch: int, loss: float) -> None:
+        epochs.append(digest(model_state_tensors(model) + optimizer_state_tensors(optimizer)))
+        end_epoch(epoch, loss)
+
+    strategy.after_step, strategy.end_epoch = record_batch, record_epoch
+    history = trainer.fit(train_set, val_set)
+    trainer.close()
+    return {"topology": topology_info(groups), "batches": batches, "epochs": epochs,
+            "history": history}
+
+
+def scenario_progress(groups: ProcessGroups, params: dict[str, Any]) -> dict[str, Any]:
+    """Start a non-blocking cross-node sum, compute without calling MPI, see if it finished."""
+    results = []
+    for poll in (0.0, 0.002):
+        cross = CrossNodeSum(groups.cross_comm, 2_000_000, torch.bfloat16, poll_interval=poll)
+        values = torch.full((2_000_000,), float(groups.topology.rank + 1))
+        pending = cross.start(values)
+        a = torch.randn(256, 256)
+        deadline = time.perf_counter() + 1.5
+        while time.perf_counter() < deadline and not pending.done():
+            a = torch.tanh(a @ a)  # compute only: no MPI call on this thread
+        done_before_wait = pending.done()
+        total = cross.wait()
+        results.append({"poll": poll, "done_before_wait": done_before_wait,
+                        "sum": float(total[0]), "all_equal": bool((total == total[0]).all())})
+        cross.close()
+    return {"topology": topology_info(groups), "results": results}
+
+
+SCENARIOS = {
+    "merge": scenario_merge,
+    "consistency": scenario_consistency,
+    "progress": scenario_progress,
+}
+
+
+def main() -> None:
+    name, out = sys.argv[1], Path(sys.argv[2])
+    params = json.loads(sys.argv[3]) if len(sys.argv) > 3 else {}
+    params.setdefault("out", str(out))
+    torch.set_num_threads(1)
+    groups = init_distributed("cpu", timeout_seconds=120)
+    result = SCENARIOS[name](groups, params)
+    torch.save(result, out / f"rank{groups.topology.rank}.pt")
+
+
+if __name__ == "__main__":
+    main()

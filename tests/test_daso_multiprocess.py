@@ -1,0 +1,124 @@
+"""Multi-process tests of DASO (4 ranks under mpiexec, Gloo + MPI, CPU).
+
+They check numbers: the merge against its formula, bitwise consistency across ranks, that a
+non-blocking sync progresses while the caller computes, and accuracy on real MNIST.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from mpi_harness import ROOT, run_command, run_ranks
+
+pytestmark = pytest.mark.multiprocess
+
+
+def bf16(values: torch.Tensor) -> np.ndarray:
+    return values.to(torch.bfloat16).double().numpy()
+
+
+@pytest.mark.parametrize("n, layout", [(4, "2"), (4, "1"), (3, "2,1")])
+def test_merge_matches_formula_w0_w1_w2(tmp_path, n, layout):
+    """x <- (2W x_local + sum_nodes x_sent) / (2W + N), computed here with NumPy."""
+    results = run_ranks("merge", n, layout, tmp_path)
+    topo = [r["topology"] for r in results]
+    num_nodes = topo[0]["num_nodes"]
+    senders = {t["node"]: t["node_ranks"][0] for t in topo}  # first send: local rank 0
+    for case_index, case in enumerate(results[0]["cases"]):
+        w, downcast = case["w"], case["downcast"]
+        cases = [r["cases"][case_index] for r in results]
+        cast = bf16 if downcast == "bfloat16" else (lambda v: v.double().numpy())
+        sent = [cast(cases[senders[node]]["sent"]) for node in range(num_nodes)]
+        summed = sum(sent)
+        magnitude = sum(np.abs(v) for v in sent)
+        for rank, t in enumerate(topo):
+            local = cases[senders[t["node"]]]["local"].double().numpy()
+            expected = (2 * w * local + summed) / (2 * w + num_nodes)
+            got = cases[rank]["final"].double().numpy()
+            if downcast == "float32":
+                np.testing.assert_allclose(got, expected, rtol=1e-6, atol=1e-6)
+            else:  # each partial sum on the wire is rounded to bfloat16 (8 significant bits)
+                tol = 2.0**-8 * magnitude * (num_nodes - 1) / (2 * w + num_nodes) + 1e-6
+                assert np.all(np.abs(got - expected) <= tol), (downcast, w, rank)
+        # every rank of a node holds its sender's merged values, bit for bit
+        for rank, t in enumerate(topo):
+            assert torch.equal(cases[rank]["final"], cases[senders[t["node"]]]["final"])
+
+
+def test_parameters_bitwise_identical_after_every_epoch(tmp_path):
+    """Whole model state + optimizer state equal on all ranks after each epoch; parameters
+    equal within a node on every batch of an epoch whose batches all sync node-locally."""
+    results = run_ranks("consistency", 4, "2", tmp_path)
+    epochs = [r["epochs"] for r in results]
+    assert len(epochs[0]) == 6
+    for e in range(6):
+        assert len({ranks[e] for ranks in epochs}) == 1, f"ranks differ after epoch {e}"
+    skips = [row["global_skips"] for row in results[0]["history"]]
+    assert skips == [4, 4, 2, 1, 8, 0], skips  # the schedule really cycled
+    checked = skipped_differs = 0
+    for i, row in enumerate(results[0]["batches"]):
+        for node_ranks in ([0, 1], [2, 3]):
+            digests = {results[r]["batches"][i]["params"] for r in node_ranks}
+            if row["local_skips"] == 1:
+                assert len(digests) == 1, f"node {node_ranks} differs at {row}"
+                checked += 1
+            elif not row["local_sync"] and len(digests) > 1:
+                skipped_differs += 1
+    assert checked > 50
+    # with local_skips = 2, a skipped node-local sync really leaves the ranks apart
+    assert skipped_differs > 0
+
+
+def test_nonblocking_sync_progresses_while_computing(tmp_path):
+    """The sum completes while the main thread only computes (no MPI call), for both
+    progress modes, and equals 1 + 2 (two nodes)."""
+    results = run_ranks("progress", 2, "1", tmp_path)
+    for rank_result in results:
+        for case in rank_result["results"]:
+            assert case["done_before_wait"], case
+            assert case["sum"] == 3.0 and case["all_equal"], case
+
+
+def train_cli(tmp_path, config, n, layout, *overrides):
+    out = tmp_path / "run"
+    result = run_command(
+        [sys.executable,
+         "-m", "daso.cli", "train", "--config", str(ROOT / "configs" / config),
+         "--set", "trainer.progress=false", "--set", f"trainer.output_dir={out}",
+         *[arg for o in overrides for arg in ("--set", o)]],
+        n, layout, timeout=300,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+#: Accuracy bound of the multi-process MNIST tests (4 epochs on 8,000 real MNIST images).
+MNIST_ACCURACY_BOUND = 0.95
+
+
+@pytest.mark.parametrize("config", ["mnist_cnn_daso.yaml", "mnist_cnn_ddp.yaml"])
+def test_trains_real_mnist_2_nodes_x_2_ranks(tmp_path, config):
+    overrides = ["trainer.epochs=4"]
+    if "daso" in config:
+        overrides += ["strategy.warmup_epochs=1", "strategy.cooldown_epochs=1"]
+    rows = train_cli(tmp_path, config, 4, "2", *overrides)
+    assert [r["epoch"] for r in rows] == [0, 1, 2, 3]
+    assert rows[-1]["val_accuracy"] >= MNIST_ACCURACY_BOUND, rows[-1]
+    assert rows[-1]["train_loss"] < rows[0]["train_loss"]
+    assert all(r["cross_node_bytes"] > 0 for r in rows)
+    if "daso" in config:
+        assert [r["global_skips"] for r in rows][:2] == [0, 4]
+
+
+@pytest.mark.parametrize("n, layout", [(3, "2,1"), (2, "1"), (1, None)])
+def test_daso_trains_on_uneven_single_rank_and_single_process_layouts(tmp_path, n, layout):
+    rows = train_cli(tmp_path, "mnist_cnn_daso.yaml", n, layout, "trainer.epochs=2",
+                     "strategy.warmup_epochs=1", "strategy.cooldown_epochs=0",
+                     "data.train_subset=3000")
+    assert len(rows) == 2 and rows[-1]["val_accuracy"] > 0.85, rows
+    assert (rows[0]["cross_node_bytes"] > 0) == (n > 1)
