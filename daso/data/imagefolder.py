@@ -24,13 +24,14 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import io
 import logging
 import os
 import shutil
 import tarfile
 import tempfile
 import zipfile
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path, PurePosixPath
 
 import numpy as np
@@ -301,30 +302,134 @@ def resolve_imagefolder_root(path: str | Path, cache_dir: str | Path) -> Path:
     return root
 
 
-# --------------------------------------------------------------------------- dataset
+# --------------------------------------------------------------------------- listing
 
 
-def _decode(path: Path) -> np.ndarray:
-    """One image file as uint8 ``[H, W, 3]`` RGB."""
+class _Listing:
+    """The images of one split: class names, sorted relative names and their labels.
+
+    ``names[i]`` is ``"<class>/<file>"``; files are ordered by class (sorted) then by
+    file name, the same for a folder and a tarball, so a seeded subset picks the same
+    images from either. ``blobs`` holds the encoded bytes of tarball members.
+    """
+
+    def __init__(self, classes: list[str], names: list[str], labels: list[int]) -> None:
+        self.classes = classes
+        self.names = names
+        self.labels = labels
+        self.blobs: dict[str, bytes] = {}
+
+
+def _list_folder(split_dir: Path) -> _Listing:
+    class_dirs = _check_split(split_dir)
+    names: list[str] = []
+    labels: list[int] = []
+    for label, class_dir in enumerate(class_dirs):
+        for name in _image_names(class_dir):
+            names.append(f"{class_dir.name}/{name}")
+            labels.append(label)
+    return _Listing([d.name for d in class_dirs], names, labels)
+
+
+def _list_tarball(tarball: Path, split: str) -> tuple[_Listing, str]:
+    """Read the images of ``split`` from ``tarball`` in one pass; returns (listing, prefix).
+
+    Members ``[<prefix>/]<split>/<class>/<file>`` are taken, for a single prefix
+    (``"cifar10"`` in ``cifar10-jpeg.tar.gz``); their bytes are kept in memory.
+    """
+    found: dict[str, dict[str, bytes]] = {}  # class -> file name -> bytes
+    prefixes: set[str] = set()
     try:
-        with Image.open(path) as img:
+        with tarfile.open(tarball, "r:*") as tar:
+            for member in tar:
+                parts = PurePosixPath(member.name).parts
+                depth = 2 if member.isdir() else 3  # <split>/<class>/ or <split>/<class>/<file>
+                if len(parts) < depth or parts[-depth] != split:
+                    continue
+                if member.isdir():  # <prefix>/<split>/<class>/: remember empty classes too
+                    if not parts[-1].startswith("."):
+                        prefixes.add("/".join(parts[:-2]))
+                        found.setdefault(parts[-1], {})
+                    continue
+                name = parts[-1]
+                if (
+                    not member.isfile()
+                    or name.startswith(".")
+                    or parts[-2].startswith(".")
+                    or os.path.splitext(name)[1].lower() not in IMAGE_SUFFIXES
+                ):
+                    continue
+                source = tar.extractfile(member)
+                if source is None:  # pragma: no cover - isfile() members always have data
+                    continue
+                prefixes.add("/".join(parts[:-3]))
+                found.setdefault(parts[-2], {})[name] = source.read()
+    except (tarfile.TarError, EOFError, OSError) as exc:
+        raise DataError(
+            f"cannot read {tarball}: {exc}; the tarball is damaged, re-copy it"
+        ) from exc
+    if not found:
+        raise DataError(
+            f"{tarball} holds no split {split!r}: no members <folder>/{split}/<class>/<image>; "
+            "check the split name and the tarball's layout"
+        )
+    if len(prefixes) > 1:
+        raise DataError(
+            f"{tarball} holds split {split!r} under several folders "
+            f"({', '.join(sorted(p or '.' for p in prefixes))}); keep one data set per tarball"
+        )
+    prefix = prefixes.pop()
+    classes = sorted(found)
+    listing = _Listing(classes, [], [])
+    for label, cls in enumerate(classes):
+        if not found[cls]:
+            raise DataError(
+                f"class folder {prefix}/{split}/{cls} in {tarball} holds no .jpg/.jpeg/.png "
+                "image; add images to it or remove it"
+            )
+        for name in sorted(found[cls]):
+            key = f"{cls}/{name}"
+            listing.names.append(key)
+            listing.labels.append(label)
+            listing.blobs[key] = found[cls][name]
+    return listing, prefix
+
+
+def _choose(n: int, subset: int | None, seed: int, where: str) -> list[int]:
+    """Indices kept: all, or the first ``subset`` of a seeded permutation, in ascending order."""
+    if subset is None:
+        return list(range(n))
+    if isinstance(subset, bool) or not isinstance(subset, int) or not 1 <= subset <= n:
+        raise DataError(
+            f"subset={subset!r} is out of range for the {n} images of {where}; "
+            f"pass an integer from 1 to {n}, or None for all"
+        )
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+    return sorted(perm[:subset].tolist())
+
+
+# --------------------------------------------------------------------------- decoding
+
+
+def _decode(source: Path | bytes, where: str) -> np.ndarray:
+    """One image (a file, or encoded bytes) as uint8 ``[H, W, 3]`` RGB."""
+    try:
+        with Image.open(source if isinstance(source, Path) else io.BytesIO(source)) as img:
             return np.asarray(img.convert("RGB"), dtype=np.uint8)
     except (UnidentifiedImageError, OSError, ValueError) as exc:
-        raise DataError(
-            f"cannot decode image {path}: {exc}; replace or remove the file"
-        ) from exc
+        raise DataError(f"cannot decode image {where}: {exc}; replace or remove the file") from exc
 
 
-def _decode_all(paths: Sequence[Path]) -> np.ndarray:
-    """Decode ``paths`` into one uint8 ``[N, H, W, 3]`` array; all must share one size."""
-    first = _decode(paths[0])
-    out = np.empty((len(paths), *first.shape), dtype=np.uint8)
+def _decode_all(sources: Sequence[Path | bytes], wheres: Sequence[str]) -> np.ndarray:
+    """Decode ``sources`` into one uint8 ``[N, H, W, 3]`` array; all must share one size."""
+    first = _decode(sources[0], wheres[0])
+    out = np.empty((len(sources), *first.shape), dtype=np.uint8)
     out[0] = first
-    for i, path in enumerate(paths[1:], start=1):
-        img = _decode(path)
+    for i in range(1, len(sources)):
+        img = _decode(sources[i], wheres[i])
         if img.shape != first.shape:
             raise DataError(
-                f"image {path} is {img.shape[1]}x{img.shape[0]} (WxH) but {paths[0]} is "
+                f"image {wheres[i]} is {img.shape[1]}x{img.shape[0]} (WxH) but {wheres[0]} is "
                 f"{first.shape[1]}x{first.shape[0]}; all images of a split must share one "
                 "size, resize the odd ones"
             )
@@ -342,54 +447,114 @@ def _as_channel_tensor(values: Sequence[float], what: str) -> torch.Tensor:
     return t.view(3, 1, 1)
 
 
+# --------------------------------------------------------------------------- cache
+
+
+def _read_cache(cache_file: Path) -> dict[str, np.ndarray] | None:
+    """The cached arrays, or None when absent or unreadable (then the split is decoded again)."""
+    if not cache_file.is_file():
+        return None
+    try:
+        with np.load(cache_file, allow_pickle=False) as data:
+            arrays = {k: data[k] for k in ("images", "targets", "classes", "names", "prefix")}
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as exc:
+        log.warning("ignoring unreadable image cache %s (%s); decoding again", cache_file, exc)
+        return None
+    images, targets = arrays["images"], arrays["targets"]
+    if (
+        images.dtype != np.uint8
+        or images.ndim != 4
+        or images.shape[3] != 3
+        or targets.shape != (images.shape[0],)
+        or arrays["names"].shape != (images.shape[0],)
+    ):
+        log.warning("ignoring malformed image cache %s; decoding again", cache_file)
+        return None
+    return arrays
+
+
+def _write_cache(cache_file: Path, arrays: dict[str, np.ndarray]) -> None:
+    """Write ``arrays`` to ``cache_file`` atomically (temporary file + os.replace)."""
+    fd, tmp_name = tempfile.mkstemp(
+        prefix=f".{cache_file.name}-", suffix=".tmp", dir=cache_file.parent
+    )
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            np.savez(handle, **arrays)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.chmod(tmp_name, 0o644)  # mkstemp makes it private; the cache may be shared
+        os.replace(tmp_name, cache_file)
+    except OSError as exc:
+        log.warning("cannot write image cache %s (%s); continuing without it", cache_file, exc)
+    finally:
+        if os.path.exists(tmp_name):
+            os.unlink(tmp_name)
+
+
+# --------------------------------------------------------------------------- dataset
+
+
 class ImageFolderDataset(Dataset):
     """One split of an ImageFolder-layout data set, decoded into memory and cached.
 
-    Reads ``root/<split>/<class>/*.(jpg|jpeg|png)``. Classes are the sorted class
+    Reads ``root/<split>/<class>/*.(jpg|jpeg|png)`` from a folder, or the members
+    ``[<folder>/]<split>/<class>/<image>`` straight from a ``.tar.gz``/``.tgz``/``.tar``
+    (one streaming pass, no extraction: writing tens of thousands of small files is
+    far slower than reading them from the archive). Classes are the sorted class
     folder names (labels ``0..C-1``); within a class, files are sorted by name.
+
     The decoded images are one uint8 tensor ``[N, H, W, 3]`` (RGB), cached in
-    ``cache_dir`` as an ``.npz`` whose name carries a hash of the split path, the
-    file list, ``subset``/``seed`` and the sizes and mtimes of the chosen files, so a
-    changed folder is decoded afresh. The cache is written to a temporary file and
-    renamed into place; concurrent processes on one host wait on a file lock and
-    decode once.
+    ``cache_dir`` as an ``.npz`` whose name carries a hash of
+
+    - for a folder: the split path, the whole file list, ``subset``/``seed`` and the
+      sizes and mtimes of the chosen files;
+    - for a tarball: its path, size and mtime, the split, ``subset`` and ``seed``;
+
+    so a changed folder or tarball is decoded afresh. The cache is written to a
+    temporary file and renamed into place; processes on one host that build the same
+    cache at once wait on a file lock, and only the first decodes.
 
     Args:
-        root: folder holding the split folders (see :func:`resolve_imagefolder_root`).
+        root: the folder holding the split folders (see :func:`resolve_imagefolder_root`),
+            or a tarball of such a folder.
         split: split folder name, e.g. ``"train"``.
         cache_dir: folder for the decoded cache; ``None`` decodes on every construction.
         mean: per-channel (R, G, B) mean subtracted from pixels scaled to [0, 1].
         std: per-channel (R, G, B) standard deviation the centred pixels are divided by.
-        augment: apply the CIFAR augmentation of He et al. 2016: pad 4 zero (black)
-            pixels on each side, crop a random ``H x W`` window, flip horizontally with
-            probability 0.5. Uses torch's global RNG, so ``torch.manual_seed`` makes it
-            repeatable (DataLoader workers get their own seeds from torch).
+        augment: apply the CIFAR augmentation of He et al. 2016: pad ``pad`` zero
+            (black) pixels on each side, crop a random ``H x W`` window, flip horizontally
+            with probability 0.5. Uses torch's global RNG, so ``torch.manual_seed`` makes
+            it repeatable (DataLoader workers get their own seeds from torch).
         subset: keep only this many images: the first ``subset`` of a permutation of all
             files seeded with ``seed`` (not stratified), kept in file order. Only those
-            files are decoded.
+            images are decoded.
         seed: seed of the ``subset`` permutation.
         pad: zero padding (pixels per side) of the random crop; CIFAR uses 4.
 
     Attributes:
         classes: class names, ``classes[label]``.
-        files: image paths, ``files[i]`` is the source of item ``i``.
+        names: ``"<class>/<file>"`` of each item.
+        files: where each item came from: a file path, or ``<tarball>/<member>``.
         images: uint8 tensor ``[N, H, W, 3]``.
         targets: int64 tensor ``[N]`` of labels in ``0..C-1``.
+        cache_file: the ``.npz`` cache, or None without ``cache_dir``.
 
     Items are ``(image, label)``: ``image`` float32 ``[3, H, W]`` equal to
-    ``(pixel / 255 - mean) / std``, ``label`` an int64 scalar tensor.
+    ``(pixel / 255 - mean) / std`` (after augmentation), ``label`` an int64 scalar tensor.
 
     Raises:
-        DataError: the split folder is missing, a class folder is empty, an image cannot
-            be decoded or differs in size from the others, ``mean``/``std`` are not 3
-            numbers (or ``std`` has a non-positive entry), or ``subset`` is out of range.
+        DataError: ``root`` or the split is missing, a split has no class folders, a
+            class folder is empty, an image cannot be decoded or differs in size from the
+            others, ``mean``/``std`` are not 3 numbers (or ``std`` has a non-positive
+            entry), ``subset`` is out of range, or ``cache_dir`` cannot be created.
 
     Example::
 
         >>> ds = ImageFolderDataset("/tmp/cifar10", "test", "/tmp/cache",
         ...                         mean=CIFAR10_MEAN, std=CIFAR10_STD, subset=100)
-        >>> len(ds), ds.classes[int(ds.targets[0])]
-        (100, 'airplane')
+        >>> ds[0][0].shape, len(ds), len(ds.classes)
+        (torch.Size([3, 32, 32]), 100, 10)
     """
 
     def __init__(
@@ -417,126 +582,116 @@ class ImageFolderDataset(Dataset):
         if self.pad < 0:
             raise DataError(f"pad={pad!r} is negative; pass 0 or more pixels")
 
-        split_dir = self.root / split
+        if self.root.is_dir():
+            arrays = self._from_folder(cache_dir, subset, seed)
+        elif self.root.is_file() and _is_tarball(self.root):
+            arrays = self._from_tarball(cache_dir, subset, seed)
+        else:
+            raise DataError(
+                f"image data root {self.root} is neither a folder nor a .tar.gz/.tgz/.tar "
+                f"file; pass the folder holding {split}/<class>/<image>.jpg, or a tarball of it"
+            )
+        self.classes: list[str] = [str(c) for c in arrays["classes"]]
+        self.names: list[str] = [str(n) for n in arrays["names"]]
+        self.images: torch.Tensor = torch.from_numpy(arrays["images"])
+        self.targets: torch.Tensor = torch.from_numpy(arrays["targets"]).to(torch.int64)
+
+    # ----------------------------------------------------------------- sources
+
+    def _from_folder(
+        self, cache_dir: str | Path | None, subset: int | None, seed: int
+    ) -> dict[str, np.ndarray]:
+        split_dir = self.root / self.split
         if not split_dir.is_dir():
             raise DataError(
                 f"split folder {split_dir} does not exist; expected "
-                f"{self.root}/{split}/<class>/<image>.jpg (call resolve_imagefolder_root on "
-                "a tarball or parent folder first)"
+                f"{self.root}/{self.split}/<class>/<image>.jpg (call resolve_imagefolder_root "
+                "on a parent folder first)"
             )
-        class_dirs = _check_split(split_dir)
-        self.classes: list[str] = [d.name for d in class_dirs]
+        listing = _list_folder(split_dir)
+        chosen = _choose(len(listing.names), subset, seed, str(split_dir))
+        paths = [split_dir / listing.names[i] for i in chosen]
+        self.files: list[str] = [str(p) for p in paths]
 
-        rel_files: list[str] = []
-        labels: list[int] = []
-        for label, class_dir in enumerate(class_dirs):
-            for name in _image_names(class_dir):
-                rel_files.append(f"{class_dir.name}/{name}")
-                labels.append(label)
+        def decode() -> dict[str, np.ndarray]:
+            return self._arrays(_decode_all(paths, self.files), listing, chosen)
 
-        n_all = len(rel_files)
-        chosen = list(range(n_all))
-        if subset is not None:
-            if isinstance(subset, bool) or not isinstance(subset, int) or not 1 <= subset <= n_all:
-                raise DataError(
-                    f"subset={subset!r} is out of range for the {n_all} images of {split_dir}; "
-                    f"pass an integer from 1 to {n_all}, or None for all"
-                )
-            perm = torch.randperm(n_all, generator=torch.Generator().manual_seed(seed))
-            chosen = sorted(perm[:subset].tolist())
-
-        self.files: list[Path] = [split_dir / rel_files[i] for i in chosen]
-        self.targets: torch.Tensor = torch.tensor([labels[i] for i in chosen], dtype=torch.int64)
-        images = self._load_or_decode(split_dir, rel_files, chosen, subset, seed, cache_dir)
-        self.images: torch.Tensor = torch.from_numpy(images)
-
-    # ----------------------------------------------------------------- caching
-
-    def _cache_key(
-        self,
-        split_dir: Path,
-        rel_files: list[str],
-        chosen: list[int],
-        subset: int | None,
-        seed: int,
-    ) -> str:
-        """Hash of the split path, all file names, subset/seed and the chosen files' stats."""
-        h = hashlib.sha256()
-        head = f"v{_CACHE_FORMAT}|{split_dir.resolve()}|{subset}|{seed}|{len(rel_files)}\n"
-        h.update(head.encode())
-        for name in rel_files:  # the whole list: it decides which files a subset picks
-            h.update(name.encode())
-            h.update(b"\n")
-        for i in chosen:  # sizes and mtimes of the decoded files
-            st = (split_dir / rel_files[i]).stat()
-            h.update(f"{i}|{st.st_size}|{st.st_mtime_ns}\n".encode())
-        return h.hexdigest()[:20]
-
-    def _load_or_decode(
-        self,
-        split_dir: Path,
-        rel_files: list[str],
-        chosen: list[int],
-        subset: int | None,
-        seed: int,
-        cache_dir: str | Path | None,
-    ) -> np.ndarray:
         if cache_dir is None:
-            return _decode_all(self.files)
+            return decode()
+        h = hashlib.sha256()
+        n_all = len(listing.names)
+        h.update(f"v{_CACHE_FORMAT}|dir|{split_dir.resolve()}|{subset}|{seed}|{n_all}\n".encode())
+        for name in listing.names:  # the whole list: it decides which files a subset picks
+            h.update(f"{name}\n".encode())
+        for i, path in zip(chosen, paths):  # sizes and mtimes of the decoded files
+            st = path.stat()
+            h.update(f"{i}|{st.st_size}|{st.st_mtime_ns}\n".encode())
+        return self._cached(cache_dir, split_dir.parent.name, len(chosen), h.hexdigest(), decode)
+
+    def _from_tarball(
+        self, cache_dir: str | Path | None, subset: int | None, seed: int
+    ) -> dict[str, np.ndarray]:
+        tarball = self.root
+
+        def decode() -> dict[str, np.ndarray]:
+            listing, prefix = _list_tarball(tarball, self.split)
+            where = f"{tarball}/{prefix + '/' if prefix else ''}{self.split}"
+            chosen = _choose(len(listing.names), subset, seed, where)
+            blobs = [listing.blobs[listing.names[i]] for i in chosen]
+            wheres = [f"{where}/{listing.names[i]}" for i in chosen]
+            return self._arrays(_decode_all(blobs, wheres), listing, chosen, prefix)
+
+        if cache_dir is None:
+            arrays = decode()
+        else:
+            st = tarball.stat()
+            key = hashlib.sha256(
+                f"v{_CACHE_FORMAT}|tar|{tarball.resolve()}|{st.st_size}|{st.st_mtime_ns}|"
+                f"{self.split}|{subset}|{seed}".encode()
+            ).hexdigest()
+            n = "all" if subset is None else str(subset)
+            stem = tarball.name.split(".")[0]
+            arrays = self._cached(cache_dir, stem, n, key, decode)
+        prefix = str(arrays["prefix"])
+        base = f"{tarball}/{prefix + '/' if prefix else ''}{self.split}"
+        self.files = [f"{base}/{n}" for n in arrays["names"]]
+        return arrays
+
+    def _arrays(
+        self, images: np.ndarray, listing: _Listing, chosen: list[int], prefix: str = ""
+    ) -> dict[str, np.ndarray]:
+        return {
+            "images": images,
+            "targets": np.asarray([listing.labels[i] for i in chosen], dtype=np.int64),
+            "classes": np.asarray(listing.classes, dtype=str),
+            "names": np.asarray([listing.names[i] for i in chosen], dtype=str),
+            "prefix": np.asarray(prefix, dtype=str),
+        }
+
+    def _cached(
+        self,
+        cache_dir: str | Path,
+        stem: str,
+        count: int | str,
+        key: str,
+        decode: Callable[[], dict[str, np.ndarray]],
+    ) -> dict[str, np.ndarray]:
+        """Load the cache named by ``key``, or ``decode()`` under a lock and write it."""
         folder = _cache_folder(cache_dir)
-        key = self._cache_key(split_dir, rel_files, chosen, subset, seed)
-        parent = "".join(c if c.isalnum() or c in "-_" else "_" for c in split_dir.parent.name)
-        cache_file = folder / f"{parent}-{split_dir.name}-{len(chosen)}-{key}.npz"
+        stem = "".join(c if c.isalnum() or c in "-_" else "_" for c in stem) or "images"
+        cache_file = folder / f"{stem}-{self.split}-{count}-{key[:20]}.npz"
         self.cache_file = cache_file
-
-        images = self._read_cache(cache_file, len(chosen))
-        if images is not None:
-            return images
+        arrays = _read_cache(cache_file)
+        if arrays is not None:
+            return arrays
         with _file_lock(folder / f".{cache_file.name}.lock"):
-            images = self._read_cache(cache_file, len(chosen))  # built while we waited?
-            if images is not None:
-                return images
-            log.info("decoding %d images of %s into %s", len(chosen), split_dir, cache_file)
-            images = _decode_all(self.files)
-            fd, tmp_name = tempfile.mkstemp(
-                prefix=f".{cache_file.name}-", suffix=".tmp", dir=folder
-            )
-            try:
-                with os.fdopen(fd, "wb") as handle:
-                    np.savez(handle, images=images)
-                    handle.flush()
-                    os.fsync(handle.fileno())
-                os.chmod(tmp_name, 0o644)  # mkstemp makes it private; the cache may be shared
-                os.replace(tmp_name, cache_file)
-            except OSError as exc:
-                log.warning(
-                    "cannot write image cache %s (%s); continuing without it", cache_file, exc
-                )
-            finally:
-                if os.path.exists(tmp_name):
-                    os.unlink(tmp_name)
-        return images
-
-    @staticmethod
-    def _read_cache(cache_file: Path, n: int) -> np.ndarray | None:
-        """The cached array, or None when absent or unreadable (then it is rebuilt)."""
-        if not cache_file.is_file():
-            return None
-        try:
-            with np.load(cache_file, allow_pickle=False) as data:
-                images = data["images"]
-        except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as exc:
-            log.warning("ignoring unreadable image cache %s (%s); decoding again", cache_file, exc)
-            return None
-        if images.dtype != np.uint8 or images.ndim != 4 or images.shape[0] != n or (
-            images.shape[3] != 3
-        ):
-            log.warning(
-                "ignoring image cache %s of %s %s; decoding again",
-                cache_file, images.dtype, images.shape,
-            )
-            return None
-        return images
+            arrays = _read_cache(cache_file)  # built by another process while we waited?
+            if arrays is not None:
+                return arrays
+            log.info("decoding split %r of %s into %s", self.split, self.root, cache_file)
+            arrays = decode()
+            _write_cache(cache_file, arrays)
+        return arrays
 
     # ----------------------------------------------------------------- access
 
@@ -582,10 +737,9 @@ def cifar10_datasets(
     """CIFAR-10 (Krizhevsky 2009) as a (train, validation) pair from the ``train``/``test`` splits.
 
     Args:
-        root: a folder or tarball accepted by :func:`resolve_imagefolder_root`, e.g.
-            ``../shared/data/cifar10-jpeg.tar.gz``.
-        cache_dir: where the tarball is extracted and decoded images are cached
-            (extracted JPEGs take about 240 MB, the full decoded cache 184 MB).
+        root: a folder accepted by :func:`resolve_imagefolder_root`, or a tarball such
+            as ``../shared/data/cifar10-jpeg.tar.gz``, read directly without extracting it.
+        cache_dir: where decoded images are cached (the full decoded set takes 184 MB).
         augment: random crop (zero padding 4) and horizontal flip on the training split;
             the test split is never augmented.
         train_subset: keep this many training images (seeded, see ImageFolderDataset).
@@ -594,24 +748,29 @@ def cifar10_datasets(
 
     Returns:
         ``(train, test)``; items are ``(float32 [3, 32, 32], int64)`` normalised with
-        :data:`CIFAR10_MEAN` and :data:`CIFAR10_STD`.
+        :data:`CIFAR10_MEAN` and :data:`CIFAR10_STD`; ``classes`` are the sorted class
+        folder names (airplane, automobile, ..., truck for CIFAR-10).
 
     Raises:
         DataError: as :func:`resolve_imagefolder_root` and :class:`ImageFolderDataset`, or
             when the two splits have different class folders.
     """
-    folder = resolve_imagefolder_root(root, cache_dir)
+    path = Path(root).expanduser()
+    if path.is_file() and _is_tarball(path):
+        source = path  # read in one streaming pass per split, no extraction
+    else:
+        source = resolve_imagefolder_root(path, cache_dir)
     train = ImageFolderDataset(
-        folder, "train", cache_dir, CIFAR10_MEAN, CIFAR10_STD,
+        source, "train", cache_dir, CIFAR10_MEAN, CIFAR10_STD,
         augment=augment, subset=train_subset, seed=seed,
     )
     test = ImageFolderDataset(
-        folder, "test", cache_dir, CIFAR10_MEAN, CIFAR10_STD,
+        source, "test", cache_dir, CIFAR10_MEAN, CIFAR10_STD,
         augment=False, subset=val_subset, seed=seed,
     )
     if train.classes != test.classes:
         raise DataError(
-            f"{folder}/train has classes {train.classes} but {folder}/test has {test.classes}; "
+            f"{source} has classes {train.classes} in train/ but {test.classes} in test/; "
             "both splits need the same class folders"
         )
     return train, test

@@ -1,0 +1,118 @@
+"""Config loading and validation: every shipped file, and each kind of bad input."""
+
+from __future__ import annotations
+
+import inspect
+import re
+import typing
+from pathlib import Path
+
+import pytest
+
+from daso.config import DASOConfig, ModelName, load_config, reference_table
+from daso.errors import ConfigError
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIGS = sorted((ROOT / "configs").glob("*.yaml"))
+
+
+def test_configs_folder_has_the_required_files():
+    names = {p.name for p in CONFIGS}
+    assert {"mnist_cnn_daso.yaml", "mnist_cnn_ddp.yaml", "cifar10_resnet20_daso.yaml"} <= names
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
+def test_every_shipped_config_validates(path):
+    config = load_config(path)
+    assert config.trainer.output_dir == str(Path("runs") / path.stem)
+    assert config.strategy.name in path.stem
+
+
+def test_defaults_are_the_reference_values():
+    daso = load_config(None).strategy
+    assert (daso.warmup_epochs, daso.cooldown_epochs, daso.stability_level, daso.patience,
+            daso.max_global_skips, daso.skip_reduction_factor, daso.local_skip_factor,
+            daso.downcast) == (4, 4, 0.05, 2, 8, 2, 4, "bfloat16")
+
+
+def write(tmp_path, text):
+    path = tmp_path / "run.yaml"
+    path.write_text(text)
+    return path
+
+
+def test_unknown_key_names_file_key_and_allowed_keys(tmp_path):
+    path = write(tmp_path, "strategy:\n  name: daso\n  max_global_skip: 4\n")
+    with pytest.raises(ConfigError) as err:
+        load_config(path)
+    message = str(err.value)
+    assert str(path) in message and "strategy.max_global_skip" in message
+    assert "max_global_skips" in message  # the allowed keys are listed
+
+
+def test_unknown_section(tmp_path):
+    with pytest.raises(ConfigError, match=r"unknown key 'trainr'.*trainer"):
+        load_config(write(tmp_path, "trainr:\n  epochs: 3\n"))
+
+
+@pytest.mark.parametrize("text, key, hint", [
+    ("strategy:\n  max_global_skips: 0\n", "strategy.max_global_skips", "greater than or equal to 1"),
+    ("strategy:\n  downcast: int8\n", "strategy.downcast", "'bfloat16', 'float16' or 'float32'"),
+    ("trainer:\n  epochs: many\n", "trainer.epochs", "valid integer"),
+    ("optim:\n  lr: -1\n", "optim.lr", "greater than 0"),
+    ("strategy:\n  name: gossip\n", "strategy.name", "['daso', 'ddp']"),
+])
+def test_bad_value_names_key_and_allowed_values(tmp_path, text, key, hint):
+    with pytest.raises(ConfigError) as err:
+        load_config(write(tmp_path, text))
+    assert key in str(err.value) and hint in str(err.value), str(err.value)
+
+
+def test_malformed_yaml_gives_line_and_column(tmp_path):
+    with pytest.raises(ConfigError, match=r"line 3, column 9: mapping values"):
+        load_config(write(tmp_path, "trainer:\n  epochs: 3\n    seed: 1\n"))
+
+
+def test_inconsistent_warmup_and_cooldown(tmp_path):
+    with pytest.raises(ConfigError, match=r"warmup_epochs \(4\) \+ strategy.cooldown_epochs \(4\)"):
+        load_config(write(tmp_path, "trainer:\n  epochs: 5\n"))
+
+
+def test_missing_config_file(tmp_path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(tmp_path / "nope.yaml")
+
+
+def test_overrides_are_typed_and_validated():
+    config = load_config(ROOT / "configs/mnist_cnn_daso.yaml",
+                         ["strategy.max_global_skips=4", "trainer.amp=true", "optim.milestones=[2, 3]"])
+    assert config.strategy.max_global_skips == 4 and config.trainer.amp is True
+    assert config.optim.milestones == [2, 3]
+    with pytest.raises(ConfigError, match="strategy.max_global_skips"):
+        load_config(None, ["strategy.max_global_skips=zero"])
+    with pytest.raises(ConfigError, match="expected dotted.key=value"):
+        load_config(None, ["strategy.max_global_skips"])
+    with pytest.raises(ConfigError, match="'trainer.epochs' is a value"):
+        load_config(ROOT / "configs/mnist_cnn_daso.yaml", ["trainer.epochs.x=1"])
+
+
+def test_schema_model_names_match_the_model_registry():
+    from daso.models import MODEL_NAMES
+
+    assert set(typing.get_args(ModelName)) == set(MODEL_NAMES)
+
+
+def test_daso_section_keys_are_the_strategy_arguments():
+    from daso.strategies import DASOStrategy
+
+    params = set(inspect.signature(DASOStrategy).parameters) - {"groups", "epochs", "timeout_seconds"}
+    assert params == set(DASOConfig.model_fields) - {"name"}
+
+
+def test_readme_config_reference_matches_schema():
+    readme = (ROOT / "README.md").read_text()
+    section = re.search(r"<!-- config-reference:begin -->\n(.*?)\n<!-- config-reference:end -->",
+                        readme, re.S)
+    assert section, "README lacks the generated config reference"
+    assert section.group(1).strip() == reference_table().strip(), (
+        "README config table is stale: regenerate it with `daso config-reference`")

@@ -1,0 +1,116 @@
+"""The DASO schedule: exact knob sequences, the known reference defects, resumability."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from daso.errors import ConfigError
+from daso.schedule import DASOSchedule, PlateauDetector, SyncParams
+
+# Losses fed after each of 20 epochs (defaults: warm-up 4, cool-down 4, patience 2, 5 %).
+LOSSES = [2.0, 1.5, 1.2, 1.0, 0.99, 0.98, 0.97, 0.5, 0.49, 0.49,
+          0.49, 0.49, 0.49, 0.49, 0.49, 0.49, 0.49, 0.49, 0.49, 0.49]
+# (global_skips, local_skips, batches_to_wait) of each epoch, worked out by hand from
+# DESIGN.md: blocking warm-up; cycling starts at (8/2, 1, 1); a plateau (3 stalled epochs)
+# halves the skips and lowers W; a plateau at S = 1 resets to (8, 8/4, 8/4); blocking cool-down.
+EXPECTED = [(0, 1, 0)] * 4 + [(4, 1, 1)] * 3 + [(2, 1, 1)] * 4 + [(1, 1, 1)] * 3 \
+    + [(8, 2, 2)] * 2 + [(0, 1, 0)] * 4
+
+
+def knobs(p: SyncParams) -> tuple[int, int, int]:
+    return p.global_skips, p.local_skips, p.batches_to_wait
+
+
+def run(schedule: DASOSchedule, losses: list[float]) -> list[tuple[int, int, int]]:
+    seen = []
+    for loss in losses:
+        seen.append(knobs(schedule.params))
+        schedule.end_epoch(loss)
+    return seen
+
+
+def test_default_schedule_exact_sequence():
+    assert run(DASOSchedule(epochs=20), LOSSES) == EXPECTED
+
+
+def test_phases_of_default_schedule():
+    schedule = DASOSchedule(epochs=20)
+    assert [schedule.phase(e) for e in (0, 3, 4, 15, 16, 19)] == [
+        "warmup", "warmup", "cycling", "cycling", "cooldown", "cooldown"]
+
+
+def test_warmup_zero_starts_cycling_at_once_and_leaves_blocking_mode():
+    schedule = DASOSchedule(epochs=6, warmup_epochs=0, cooldown_epochs=1)
+    assert knobs(schedule.params) == (4, 1, 1)
+    assert not schedule.params.blocking
+    # never stuck in blocking; the third stalled epoch is a plateau
+    assert run(schedule, [1.0] * 5) == [(4, 1, 1)] * 4 + [(2, 1, 1)]
+
+
+@pytest.mark.parametrize("max_skips, first", [(16, 8), (8, 4), (4, 2), (3, 1), (1, 1)])
+def test_max_global_skips_respected_from_first_cycling_epoch(max_skips, first):
+    schedule = DASOSchedule(epochs=10, warmup_epochs=1, cooldown_epochs=1,
+                            max_global_skips=max_skips)
+    schedule.end_epoch(1.0)
+    assert schedule.params.global_skips == first
+
+
+def test_reset_respects_max_global_skips_and_local_skip_factor():
+    schedule = DASOSchedule(epochs=30, warmup_epochs=0, cooldown_epochs=0, patience=0,
+                            stability_level=0.5, max_global_skips=16, local_skip_factor=2)
+    seen = run(schedule, [1.0] * 6)
+    # first loss improves on inf; then every epoch is a plateau
+    assert seen == [(8, 1, 1), (8, 1, 1), (4, 1, 1), (2, 1, 1), (1, 1, 1), (16, 8, 8)]
+
+
+def test_batches_to_wait_never_exceeds_global_skips():
+    schedule = DASOSchedule(epochs=50, warmup_epochs=0, cooldown_epochs=0, patience=0,
+                            max_global_skips=8, local_skip_factor=1)
+    for p in run(schedule, [1.0] * 40):
+        assert 1 <= p[2] <= p[0]
+
+
+def test_state_dict_round_trip_resumes_same_sequence():
+    first = DASOSchedule(epochs=20)
+    run(first, LOSSES[:9])
+    state = first.state_dict()
+    resumed = DASOSchedule(epochs=20)
+    resumed.load_state_dict(state)
+    assert run(resumed, LOSSES[9:]) == EXPECTED[9:]
+    assert run(first, LOSSES[9:]) == EXPECTED[9:]
+
+
+def test_plateau_detector_agrees_with_reduce_lr_on_plateau():
+    losses = [1.0, 0.9, 0.89, 0.88, 0.87, 0.5, 0.5, 0.49, 0.48, 0.47, 0.3]
+    param = torch.nn.Parameter(torch.zeros(1))
+    optimizer = torch.optim.SGD([param], lr=1.0)
+    reference = torch.optim.lr_scheduler.ReduceLROnPlateau(
+        optimizer, mode="min", factor=0.5, patience=2, threshold=0.05, threshold_mode="rel")
+    detector = PlateauDetector(threshold=0.05, patience=2)
+    for loss in losses:
+        before = optimizer.param_groups[0]["lr"]
+        reference.step(loss)
+        assert detector.step(loss) == (optimizer.param_groups[0]["lr"] < before), loss
+
+
+def test_send_and_local_sync_batches():
+    p = SyncParams(global_skips=4, local_skips=2, batches_to_wait=1, phase="cycling")
+    assert [b for b in range(10) if p.is_send_batch(b)] == [0, 4, 8]
+    assert [b for b in range(10) if p.is_local_sync_batch(b)] == [0, 2, 4, 6, 8]
+    p = SyncParams(global_skips=4, local_skips=3, batches_to_wait=1, phase="cycling")
+    assert [b for b in range(9) if p.is_local_sync_batch(b)] == [0, 3, 4, 6, 8]
+    blocking = SyncParams(0, 1, 0, "warmup")
+    assert blocking.blocking and not blocking.is_send_batch(0) and blocking.is_local_sync_batch(5)
+
+
+@pytest.mark.parametrize("kwargs, word", [
+    ({"warmup_epochs": 3, "cooldown_epochs": 3}, "exceeds epochs"),
+    ({"max_global_skips": 0}, "max_global_skips"),
+    ({"skip_reduction_factor": 1}, "skip_reduction_factor"),
+    ({"stability_level": 1.5}, "stability_level"),
+    ({"patience": -1}, "patience"),
+])
+def test_bad_schedule_values_are_config_errors(kwargs, word):
+    with pytest.raises(ConfigError, match=word):
+        DASOSchedule(epochs=10, **kwargs) if "warmup_epochs" not in kwargs else DASOSchedule(epochs=5, **kwargs)
