@@ -139,10 +139,44 @@ def scenario_progress(groups: ProcessGroups, params: dict[str, Any]) -> dict[str
     return {"topology": topology_info(groups), "results": results}
 
 
+def scenario_trainer_features(groups: ProcessGroups, params: dict[str, Any]) -> dict[str, Any]:
+    """Rank 0's weights survive wrapping; AMP (bf16 autocast), clipping and a StepLR run."""
+    from daso.cli import build_datasets
+    from daso.trainer import Trainer
+
+    config = load_config(None, [
+        "trainer.epochs=3", "trainer.progress=false", f"trainer.output_dir={params['out']}",
+        "trainer.amp=true", "trainer.grad_clip_norm=1.0", "optim.scheduler=step",
+        "optim.step_size=1", "optim.gamma=0.5", "data.batch_size=32", "data.train_subset=1024",
+        "data.val_size=500", "strategy.warmup_epochs=1", "strategy.cooldown_epochs=1",
+        "strategy.downcast=float16",
+    ])
+    train_set, val_set = build_datasets(config)
+    torch.manual_seed(groups.topology.rank)  # a different "pretrained" model on every rank
+    model = tiny_image_model()
+    before = [t.clone() for t in model_state_tensors(model)]
+    trainer = Trainer(model, lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.9),
+                      torch.nn.functional.cross_entropy, config, groups=groups)
+    after_wrap = [t.clone() for t in model_state_tensors(model)]
+    history = trainer.fit(train_set, val_set)
+    state = trainer.state_dict()
+    trainer.close()
+    return {"before": before, "after_wrap": after_wrap, "history": history,
+            "final": digest(model_state_tensors(model)), "schedule": state["strategy"]}
+
+
+def tiny_image_model() -> torch.nn.Module:
+    return torch.nn.Sequential(
+        torch.nn.Conv2d(1, 4, 3, stride=2), torch.nn.BatchNorm2d(4), torch.nn.ReLU(),
+        torch.nn.Flatten(), torch.nn.Linear(4 * 13 * 13, 10),
+    )
+
+
 SCENARIOS = {
     "merge": scenario_merge,
     "consistency": scenario_consistency,
     "progress": scenario_progress,
+    "trainer_features": scenario_trainer_features,
 }
 
 
