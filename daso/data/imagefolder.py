@@ -258,7 +258,7 @@ def _split_holder(folder: Path) -> Path:
     return folder
 
 
-def resolve_imagefolder_root(path: str | Path, cache_dir: str | Path) -> Path:
+def resolve_imagefolder_root(path: str | Path, cache_dir: str | Path | None) -> Path:
     """The folder holding the split folders (``train/``, ``test/``, ...) of an image data set.
 
     Args:
@@ -268,6 +268,7 @@ def resolve_imagefolder_root(path: str | Path, cache_dir: str | Path) -> Path:
             ``cifar10-jpeg.tar.gz`` (``cifar10/{train,test}/<class>/NNNN.jpg``).
         cache_dir: where a tarball is extracted, once: later calls find the
             extracted copy (keyed by the tarball's path, size and mtime) and skip it.
+            Unused for a folder; may then be None.
             Members with absolute paths, ``..``, links or special files are refused;
             a half-extracted folder is never used.
 
@@ -289,6 +290,11 @@ def resolve_imagefolder_root(path: str | Path, cache_dir: str | Path) -> Path:
     if path.is_dir():
         root = _split_holder(path)
     elif path.is_file() and _is_tarball(path):
+        if cache_dir is None:
+            raise DataError(
+                f"{path} is a tarball but no cache_dir was given to extract it into; "
+                "pass a writable cache_dir"
+            )
         root = _split_holder(_extract_tarball(path, _cache_folder(cache_dir)))
     else:
         raise DataError(
@@ -766,7 +772,7 @@ class ImageFolderDataset(Dataset):
 
 def cifar10_datasets(
     root: str | Path,
-    cache_dir: str | Path,
+    cache_dir: str | Path | None,
     augment: bool = True,
     train_subset: int | None = None,
     val_subset: int | None = None,
@@ -777,7 +783,8 @@ def cifar10_datasets(
     Args:
         root: a folder accepted by :func:`resolve_imagefolder_root`, or a tarball such
             as ``../shared/data/cifar10-jpeg.tar.gz``, read directly without extracting it.
-        cache_dir: where decoded images are cached (the full decoded set takes 184 MB).
+        cache_dir: where decoded images are cached (the full decoded set takes 184 MB);
+            None decodes on every call.
         augment: random crop (zero padding 4) and horizontal flip on the training split;
             the test split is never augmented.
         train_subset: keep this many training images (seeded, see ImageFolderDataset).

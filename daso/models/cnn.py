@@ -39,8 +39,7 @@ class MnistCNN(nn.Module):
             nn.BatchNorm2d(16),
             nn.ReLU(inplace=True),
             nn.MaxPool2d(2),  # [B, 16, 12, 12]
-            nn.Conv2d(16, 32, kernel_size=5, bias=False),  # [B, 32, 8, 8]
-            nn.BatchNorm2d(32),
+            nn.Conv2d(16, 32, kernel_size=5),  # [B, 32, 8, 8]
             nn.ReLU(inplace=True),
             nn.MaxPool2d(2),  # [B, 32, 4, 4]
         )
