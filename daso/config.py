@@ -117,7 +117,7 @@ class DASOConfig(Section):
     )
 
 
-StrategyConfig = Annotated[Union[DASOConfig, DDPConfig], Field(discriminator="name")]
+StrategyConfig = Annotated[DASOConfig | DDPConfig, Field(discriminator="name")]
 STRATEGY_SECTIONS: dict[str, type[Section]] = {"daso": DASOConfig, "ddp": DDPConfig}
 
 

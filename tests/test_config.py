@@ -103,9 +103,12 @@ def test_schema_model_names_match_the_model_registry():
 
 
 def test_daso_section_keys_are_the_strategy_arguments():
+    from daso.schedule import DASOSchedule
     from daso.strategies import DASOStrategy
 
-    params = set(inspect.signature(DASOStrategy).parameters) - {"groups", "epochs", "timeout_seconds"}
+    params = set(inspect.signature(DASOStrategy).parameters) | set(
+        inspect.signature(DASOSchedule).parameters)
+    params -= {"groups", "epochs", "timeout_seconds", "schedule_options"}
     assert params == set(DASOConfig.model_fields) - {"name"}
 
 

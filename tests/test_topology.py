@@ -15,6 +15,7 @@ from daso.topology import (
     read_launcher_env,
     resolve_topology,
 )
+
 from mpi_harness import run_command
 
 

@@ -54,7 +54,7 @@ def _native_sum_works(datatype: Any) -> bool:
         return False
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def mpi_sum(dtype: torch.dtype) -> tuple[Any, Any, bool]:
     """MPI datatype and sum op for a torch wire dtype.
 

@@ -72,8 +72,9 @@ class DASOStrategy(Strategy):
     Args:
         groups: the process groups; ``groups.cross_comm`` is this rank's ``C_i`` or ``None``.
         epochs: total epochs (the cool-down is the last ``cooldown_epochs``).
-        warmup_epochs, cooldown_epochs, stability_level, patience, max_global_skips,
-            skip_reduction_factor, local_skip_factor: the schedule (:class:`DASOSchedule`).
+        schedule_options: keyword arguments of :class:`~daso.schedule.DASOSchedule`
+            (``warmup_epochs``, ``cooldown_epochs``, ``stability_level``, ``patience``,
+            ``max_global_skips``, ``skip_reduction_factor``, ``local_skip_factor``).
         downcast: wire dtype of cross-node syncs: ``"bfloat16"``, ``"float16"`` or ``"float32"``.
         sync_optimizer_state: also average floating-point optimizer state (momentum, Adam
             moments) across nodes in the blocking sync at the end of each epoch.
@@ -90,29 +91,14 @@ class DASOStrategy(Strategy):
         groups: ProcessGroups,
         epochs: int,
         *,
-        warmup_epochs: int = 4,
-        cooldown_epochs: int = 4,
-        stability_level: float = 0.05,
-        patience: int = 2,
-        max_global_skips: int = 8,
-        skip_reduction_factor: int = 2,
-        local_skip_factor: int = 4,
         downcast: str = "bfloat16",
         sync_optimizer_state: bool = True,
         poll_interval_seconds: float = 0.0,
         timeout_seconds: float = 300.0,
+        **schedule_options: Any,
     ) -> None:
         super().__init__(groups, epochs, timeout_seconds)
-        self.schedule = DASOSchedule(
-            epochs,
-            warmup_epochs=warmup_epochs,
-            cooldown_epochs=cooldown_epochs,
-            stability_level=stability_level,
-            patience=patience,
-            max_global_skips=max_global_skips,
-            skip_reduction_factor=skip_reduction_factor,
-            local_skip_factor=local_skip_factor,
-        )
+        self.schedule = DASOSchedule(epochs, **schedule_options)
         self.wire_dtype = WIRE_DTYPES[downcast]
         self.sync_optimizer_state = sync_optimizer_state
         self.poll_interval = poll_interval_seconds
