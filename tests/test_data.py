@@ -14,7 +14,8 @@ import pytest
 import torch
 from PIL import Image
 
-import daso.data.imagefolder as imagefolder
+import daso.data.archive as archive
+import daso.data.decode as decode
 from daso.data import (
     CIFAR10_MEAN,
     CIFAR10_STD,
@@ -284,7 +285,7 @@ def test_imagefolder_cache_is_written_then_reused_without_decoding(folder, tmp_p
     def no_decode(*args, **kwargs):
         raise AssertionError("decoded although the cache was valid")
 
-    monkeypatch.setattr(imagefolder, "_decode", no_decode)
+    monkeypatch.setattr(decode, "_decode", no_decode)
     second = ImageFolderDataset(folder, "train", cache)
     assert second.cache_file == first.cache_file
     assert first.cache_file.stat().st_mtime_ns == mtime
@@ -312,9 +313,9 @@ def test_imagefolder_unreadable_cache_is_rebuilt(folder, tmp_path):
 
 def test_imagefolder_subset_decodes_only_the_chosen_files(folder, tmp_path, monkeypatch):
     calls = []
-    real_decode = imagefolder._decode
+    real_decode = decode._decode
     monkeypatch.setattr(
-        imagefolder, "_decode", lambda src, where: calls.append(where) or real_decode(src, where)
+        decode, "_decode", lambda src, where: calls.append(where) or real_decode(src, where)
     )
     full = ImageFolderDataset(folder, "train", None)
     calls.clear()
@@ -422,7 +423,7 @@ def test_resolve_root_extracts_tarball_once(folder, tmp_path, monkeypatch):
     def no_extract(*args, **kwargs):
         raise AssertionError("extracted twice")
 
-    monkeypatch.setattr(imagefolder, "_extract_members", no_extract)
+    monkeypatch.setattr(archive, "extract_members", no_extract)
     assert resolve_imagefolder_root(tarball, cache) == root
     from_tar = ImageFolderDataset(root, "train", None)
     from_folder = ImageFolderDataset(folder, "train", None)
