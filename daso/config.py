@@ -95,6 +95,22 @@ class DDPConfig(Section):
     name: Literal["ddp"] = Field("ddp", description="Gradient allreduce over all ranks.")
 
 
+class HierarchicalConfig(Section):
+    name: Literal["hierarchical"] = Field(
+        "hierarchical", description="Node reduce, sharded cross-node allreduce, node allgather."
+    )
+    wire_dtype: WireDtype = Field("float32", description="Wire dtype of gradient shards.")
+
+
+class LocalSGDConfig(Section):
+    name: Literal["local_sgd"] = Field(
+        "local_sgd", description="Post-local SGD (Lin et al. 2020), hierarchical."
+    )
+    period: int = Field(4, ge=1, description="Steps between blocking cross-node averages.")
+    warmup_steps: int = Field(0, ge=0, description="First steps that average every step.")
+    wire_dtype: WireDtype = Field("float32", description="Wire dtype of the model average.")
+
+
 class DASOConfig(Section):
     name: Literal["daso"] = Field("daso", description="DASO (Coquelin et al. 2022).")
     warmup_epochs: int = Field(4, ge=0, description="Blocking epochs at the start.")
@@ -117,8 +133,13 @@ class DASOConfig(Section):
     )
 
 
-StrategyConfig = Annotated[DASOConfig | DDPConfig, Field(discriminator="name")]
-STRATEGY_SECTIONS: dict[str, type[Section]] = {"daso": DASOConfig, "ddp": DDPConfig}
+StrategyConfig = Annotated[
+    DASOConfig | DDPConfig | HierarchicalConfig | LocalSGDConfig, Field(discriminator="name")
+]
+STRATEGY_SECTIONS: dict[str, type[Section]] = {
+    "daso": DASOConfig, "ddp": DDPConfig, "hierarchical": HierarchicalConfig,
+    "local_sgd": LocalSGDConfig,
+}
 
 
 class Config(Section):

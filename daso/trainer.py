@@ -228,6 +228,7 @@ class Trainer:
                 with self._autocast():
                     loss = self.loss_fn(self.model(inputs), targets)
                 self.scaler.scale(loss).backward()
+            self.strategy.after_backward(batch)
             if clip is not None:
                 self.scaler.unscale_(self.optimizer)
                 torch.nn.utils.clip_grad_norm_(self.module.parameters(), clip)

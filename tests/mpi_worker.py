@@ -172,11 +172,50 @@ def tiny_image_model() -> torch.nn.Module:
     )
 
 
+def scenario_equivalence(groups: ProcessGroups, params: dict[str, Any]) -> dict[str, Any]:
+    """Run each strategy for a few plain-SGD steps on fixed per-rank data; record parameters
+    after every step and the cross-node bytes counted."""
+    from daso.strategies import build_strategy
+
+    rank = groups.topology.rank
+    data = torch.Generator().manual_seed(1234 + rank)
+    batches = [(torch.randn(6, 8, generator=data), torch.randint(0, 4, (6,), generator=data))
+               for _ in range(params.get("steps", 8))]
+    runs = {}
+    for label, name, options in params["strategies"]:
+        torch.manual_seed(0)
+        model = tiny_model()
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+        strategy = build_strategy(name, groups, epochs=1, options=options)
+        wrapped = strategy.wrap(model, optimizer)
+        strategy.begin_epoch(0, len(batches) + 1)  # no epoch end inside the run
+        trace, before_sync = [], []
+
+        def flat_params() -> torch.Tensor:
+            return torch.cat([p.detach().reshape(-1).clone() for p in model.parameters()])
+
+        for batch, (inputs, targets) in enumerate(batches):
+            optimizer.zero_grad(set_to_none=True)
+            with strategy.sync_context(batch):
+                torch.nn.functional.cross_entropy(wrapped(inputs), targets).backward()
+            strategy.after_backward(batch)
+            optimizer.step()
+            before_sync.append(flat_params())
+            strategy.after_step(batch)
+            trace.append(flat_params())
+        runs[label] = {"trace": trace, "before_sync": before_sync, "metrics": strategy.epoch_metrics(),
+                       "numel": sum(p.numel() for p in model.parameters()),
+                       "state_numel": sum(t.numel() for t in model_state_tensors(model))}
+        strategy.close()
+    return {"topology": topology_info(groups), "runs": runs}
+
+
 SCENARIOS = {
     "merge": scenario_merge,
     "consistency": scenario_consistency,
     "progress": scenario_progress,
     "trainer_features": scenario_trainer_features,
+    "equivalence": scenario_equivalence,
 }
 
 

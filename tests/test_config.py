@@ -60,7 +60,7 @@ def test_unknown_section(tmp_path):
     ("strategy:\n  downcast: int8\n", "strategy.downcast", "'bfloat16', 'float16' or 'float32'"),
     ("trainer:\n  epochs: many\n", "trainer.epochs", "valid integer"),
     ("optim:\n  lr: -1\n", "optim.lr", "greater than 0"),
-    ("strategy:\n  name: gossip\n", "strategy.name", "['daso', 'ddp']"),
+    ("strategy:\n  name: gossip\n", "strategy.name", "['daso', 'ddp', 'hierarchical'"),
 ])
 def test_bad_value_names_key_and_allowed_values(tmp_path, text, key, hint):
     with pytest.raises(ConfigError) as err:

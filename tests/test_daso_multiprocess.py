@@ -101,7 +101,8 @@ def train_cli(tmp_path, config, n, layout, *overrides):
 MNIST_ACCURACY_BOUND = 0.95
 
 
-@pytest.mark.parametrize("config", ["mnist_cnn_daso.yaml", "mnist_cnn_ddp.yaml"])
+@pytest.mark.parametrize("config", ["mnist_cnn_daso.yaml", "mnist_cnn_ddp.yaml",
+                                    "mnist_cnn_hierarchical.yaml", "mnist_cnn_local_sgd.yaml"])
 def test_trains_real_mnist_2_nodes_x_2_ranks(tmp_path, config):
     overrides = ["trainer.epochs=4"]
     if "daso" in config:

@@ -82,18 +82,23 @@ class FlatBuffer:
         return self.flat.numel() * self.flat.element_size()
 
     @torch.no_grad()
-    def pack(self) -> torch.Tensor:
-        """Copy the tensors into :attr:`flat` and return it."""
-        for view, tensor in zip(self._views, self.tensors):
+    def pack(self, tensors: Sequence[torch.Tensor] | None = None) -> torch.Tensor:
+        """Copy the tensors (or ``tensors``, same shapes and order) into :attr:`flat`."""
+        for view, tensor in zip(self._views, tensors if tensors is not None else self.tensors):
             view.copy_(tensor.reshape(-1))
         return self.flat
 
     @torch.no_grad()
-    def unpack(self, source: torch.Tensor | None = None) -> None:
-        """Copy ``source`` (default :attr:`flat`, shape ``[numel]``) back into the tensors."""
+    def unpack(
+        self,
+        source: torch.Tensor | None = None,
+        tensors: Sequence[torch.Tensor] | None = None,
+    ) -> None:
+        """Copy ``source`` (default :attr:`flat`, shape ``[numel]``) back into the tensors
+        (or into ``tensors``, same shapes and order)."""
         if source is not None and source is not self.flat:
             self.flat.copy_(source)
-        for view, tensor in zip(self._views, self.tensors):
+        for view, tensor in zip(self._views, tensors if tensors is not None else self.tensors):
             tensor.copy_(view.view_as(tensor))
 
     def matches(self, tensors: Iterable[torch.Tensor]) -> bool:

@@ -1,12 +1,16 @@
 """Training strategies, one module each, all behind :class:`~daso.strategies.base.Strategy`.
 
-=========  ==============================================================  ==================
-name       what it does                                                     source
-=========  ==============================================================  ==================
-ddp        gradient allreduce over all ranks every step (PyTorch DDP)       usual baseline
-daso       node-local gradient averaging, non-blocking selective            Coquelin et al.
-           cross-node parameter averaging at an adaptive rate               2022
-=========  ==============================================================  ==================
+============  ===========================================================  ==================
+name          what it does                                                 source
+============  ===========================================================  ==================
+ddp           gradient allreduce over all ranks every step (PyTorch DDP)   usual baseline
+hierarchical  node-local reduce, sharded cross-node allreduce, node-local  Horovod's
+              allgather of the gradient, every step                        hierarchical mode
+local_sgd     node-local SGD, blocking cross-node model average every      Lin et al. 2020
+              ``period`` steps
+daso          node-local gradient averaging, non-blocking selective        Coquelin et al.
+              cross-node parameter averaging at an adaptive rate           2022
+============  ===========================================================  ==================
 """
 
 from __future__ import annotations
@@ -17,9 +21,14 @@ from typing import Any
 from daso.strategies.base import Strategy
 from daso.strategies.daso import DASOStrategy, merge_stale_sum
 from daso.strategies.ddp import DDPStrategy
+from daso.strategies.hierarchical import HierarchicalStrategy
+from daso.strategies.local_sgd import LocalSGDStrategy
 from daso.topology import ProcessGroups
 
-STRATEGIES: dict[str, type[Strategy]] = {cls.name: cls for cls in (DDPStrategy, DASOStrategy)}
+STRATEGIES: dict[str, type[Strategy]] = {
+    cls.name: cls
+    for cls in (DDPStrategy, HierarchicalStrategy, LocalSGDStrategy, DASOStrategy)
+}
 
 
 def build_strategy(
@@ -39,6 +48,8 @@ __all__ = [
     "STRATEGIES",
     "DASOStrategy",
     "DDPStrategy",
+    "HierarchicalStrategy",
+    "LocalSGDStrategy",
     "Strategy",
     "build_strategy",
     "merge_stale_sum",

@@ -7,6 +7,7 @@ The trainer owns the loop; a strategy only answers a few calls, in this order pe
     for batch in range(num_batches):
         with strategy.sync_context(batch):           # node-local gradient averaging on/off
             forward, backward
+        strategy.after_backward(batch)               # gradient communication beyond DDP
         optimizer.step()
         strategy.after_step(batch)                   # cross-node communication
     metrics = strategy.epoch_metrics()               # knobs and counters of the epoch
@@ -25,6 +26,23 @@ from typing import Any, ClassVar
 import torch
 
 from daso.topology import ProcessGroups
+
+
+class EpochCounters:
+    """Turns running totals (bytes sent, seconds waited) into per-epoch amounts."""
+
+    def __init__(self) -> None:
+        self.bytes_sent = 0
+        self.wait_seconds = 0.0
+
+    def since_last(self, bytes_sent: int, wait_seconds: float) -> dict[str, float]:
+        """``cross_node_bytes`` and ``comm_wait_seconds`` since the previous call."""
+        delta = {
+            "cross_node_bytes": bytes_sent - self.bytes_sent,
+            "comm_wait_seconds": wait_seconds - self.wait_seconds,
+        }
+        self.bytes_sent, self.wait_seconds = bytes_sent, wait_seconds
+        return delta
 
 
 class Strategy(abc.ABC):
@@ -67,6 +85,10 @@ class Strategy(abc.ABC):
     def sync_context(self, batch: int) -> contextlib.AbstractContextManager:
         """Context for forward+backward of ``batch``: decides node-local gradient averaging."""
         return contextlib.nullcontext()
+
+    def after_backward(self, batch: int) -> None:
+        """Called on every rank after ``backward()`` and before gradient clipping and
+        ``optimizer.step()`` of ``batch``: the place for gradient communication."""
 
     def after_step(self, batch: int) -> None:
         """Called on every rank after ``optimizer.step()`` of ``batch`` (0-based in its epoch)."""

@@ -32,16 +32,15 @@ import torch
 
 from daso.comm import (
     WIRE_DTYPES,
-    CrossNodeSum,
     FlatBuffer,
-    broadcast,
     model_state_tensors,
     no_sync,
     optimizer_state_tensors,
     wrap_data_parallel,
 )
 from daso.schedule import DASOSchedule
-from daso.strategies.base import Strategy
+from daso.strategies.averaging import CrossNodeAverager
+from daso.strategies.base import EpochCounters, Strategy
 from daso.topology import ProcessGroups
 
 #: Weight of the local parameters per batch of staleness in the merge (paper, eq. 1: 2W).
@@ -102,31 +101,21 @@ class DASOStrategy(Strategy):
         self.wire_dtype = WIRE_DTYPES[downcast]
         self.sync_optimizer_state = sync_optimizer_state
         self.poll_interval = poll_interval_seconds
-        self.sender = 0  # local rank whose cross-node group C_k talks next
         self.pending: tuple[int, int] | None = None  # (batch sent, sender local rank)
-        self.cross: CrossNodeSum | None = None
-        self.state: FlatBuffer | None = None
+        self.averager: CrossNodeAverager | None = None
         self._epoch_state: FlatBuffer | None = None
-        self._bytes_reported = 0
-        self._wait_reported = 0.0
+        self.counters = EpochCounters()
 
     # -- setup -------------------------------------------------------------------------------
     def wrap(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> torch.nn.Module:
-        topo = self.topology
         self.optimizer = optimizer
         self.model = wrap_data_parallel(
-            model, self.groups.node_group, topo.local_world_size, self.groups.device
+            model, self.groups.node_group, self.topology.local_world_size, self.groups.device
         )
-        self.state = FlatBuffer(model_state_tensors(model), device=self.groups.device)
-        if self.groups.cross_comm is not None:
-            self.cross = CrossNodeSum(
-                self.groups.cross_comm,
-                self.state.numel,
-                self.wire_dtype,
-                self.groups.device,
-                timeout=self.timeout,
-                poll_interval=self.poll_interval,
-            )
+        self.averager = CrossNodeAverager(
+            self.groups, model_state_tensors(model), self.wire_dtype, self.timeout,
+            self.poll_interval,
+        )
         return self.model
 
     # -- per batch -----------------------------------------------------------------------------
@@ -143,87 +132,65 @@ class DASOStrategy(Strategy):
             if last or waited >= params.batches_to_wait:
                 self._merge(waited)
         if last:
-            self._global_average(with_optimizer=self.sync_optimizer_state)
+            self._epoch_average()
         elif params.blocking and self.topology.num_nodes > 1:
-            self._global_average(with_optimizer=False)
+            self.averager.average(tag="DASO blocking average")
         elif params.is_send_batch(batch):
             self._start_send(batch)
 
-    def _next_sender(self) -> int:
-        sender = self.sender
-        self.sender = (sender + 1) % self.topology.num_cross_groups
-        return sender
-
-    def _sender_rank(self, sender: int) -> int:
-        return self.topology.global_rank(self.topology.node_rank, sender)
-
     def _start_send(self, batch: int) -> None:
-        sender = self._next_sender()
+        averager = self.averager
+        sender = averager.next_sender()
         self.pending = (batch, sender)
-        if self.topology.local_rank == sender and self.cross is not None:
-            self.cross.start(self.state.pack(), tag=f"DASO send at batch {batch}")
+        if averager.is_sender(sender) and averager.cross is not None:
+            averager.cross.start(averager.state.pack(), tag=f"DASO send at batch {batch}")
 
     def _merge(self, batches_waited: int) -> None:
         _, sender = self.pending
         self.pending = None
-        if self.topology.local_rank == sender:
-            local = self.state.pack()
-            if self.cross is not None:
-                summed = self.cross.wait()
+        averager = self.averager
+        if averager.is_sender(sender):
+            local = averager.state.pack()
+            if averager.cross is not None:
+                summed = averager.cross.wait()
                 merge_stale_sum(local, summed, batches_waited, self.topology.num_nodes)
-        broadcast(self.state.flat, self._sender_rank(sender), self.groups.node_group)
-        self.state.unpack()
+        averager.broadcast_from(sender)
 
-    def _epoch_buffer(self) -> FlatBuffer:
-        """Model state followed by the optimizer's floating-point state (rebuilt if it grew)."""
-        tensors = self.state.tensors + optimizer_state_tensors(self.optimizer)
-        if self._epoch_state is None or not self._epoch_state.matches(tensors):
-            self._epoch_state = FlatBuffer(tensors, device=self.groups.device)
-            if self.cross is not None:
-                self.cross.reserve(self._epoch_state.numel)
-        return self._epoch_state
-
-    def _global_average(self, with_optimizer: bool) -> None:
-        """Blocking average of the state over all nodes, then node-local broadcast."""
+    def _epoch_average(self) -> None:
+        """Blocking average closing the epoch: model state, and optimizer state if configured."""
         topo = self.topology
         if topo.num_nodes == 1 and topo.local_world_size == 1:
             return
-        sender = self._next_sender()
-        buffer = self._epoch_buffer() if with_optimizer else self.state
-        if topo.local_rank == sender:
-            flat = buffer.pack()
-            if self.cross is not None:
-                flat.copy_(self.cross.allreduce(flat, tag="DASO blocking average"))
-                flat.div_(topo.num_nodes)
-        broadcast(buffer.flat, self._sender_rank(sender), self.groups.node_group)
-        buffer.unpack()
+        buffer = self.averager.state
+        if self.sync_optimizer_state:
+            tensors = buffer.tensors + optimizer_state_tensors(self.optimizer)
+            if self._epoch_state is None or not self._epoch_state.matches(tensors):
+                self._epoch_state = FlatBuffer(tensors, device=self.groups.device)
+                self.averager.reserve(self._epoch_state.numel)
+            buffer = self._epoch_state
+        self.averager.average(buffer, tag="DASO end-of-epoch average")
 
     # -- per epoch -----------------------------------------------------------------------------
     def epoch_metrics(self) -> dict[str, float]:
         params = self.schedule.params
-        sent = self.cross.bytes_sent if self.cross is not None else 0
-        waited = self.cross.wait_seconds if self.cross is not None else 0.0
-        metrics = {
+        return {
             "global_skips": params.global_skips,
             "local_skips": params.local_skips,
             "batches_to_wait": params.batches_to_wait,
-            "cross_node_bytes": sent - self._bytes_reported,
-            "comm_wait_seconds": waited - self._wait_reported,
+            **self.counters.since_last(*self.averager.counters()),
         }
-        self._bytes_reported, self._wait_reported = sent, waited
-        return metrics
 
     def end_epoch(self, epoch: int, loss: float) -> None:
         self.schedule.end_epoch(loss)
 
     def state_dict(self) -> dict[str, Any]:
         assert self.pending is None, "an epoch always ends with its sync merged"
-        return {"schedule": self.schedule.state_dict(), "sender": self.sender}
+        return {"schedule": self.schedule.state_dict(), "sender": self.averager.sender}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.schedule.load_state_dict(state["schedule"])
-        self.sender = int(state["sender"])
+        self.averager.sender = int(state["sender"])
 
     def close(self) -> None:
-        if self.cross is not None:
-            self.cross.close()
+        if self.averager is not None:
+            self.averager.close()

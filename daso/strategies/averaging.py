@@ -1,0 +1,112 @@
+"""Cross-node averaging of a model's state, shared by the strategies that average parameters.
+
+One rank per node (local rank ``k`` of every node, the cross-node group ``C_k``) sums the
+flattened state over the nodes through MPI; then it broadcasts the result inside its node.
+``k`` rotates from one sync to the next so every rank of a node takes turns on the cross-node
+link (DASO paper, section 3.2). Ranks whose local rank has no cross-node group (uneven nodes)
+only receive the node broadcast.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+from daso.comm import CrossNodeSum, FlatBuffer, broadcast
+from daso.topology import ProcessGroups
+
+
+class CrossNodeAverager:
+    """Sums or averages ``tensors`` across nodes, then makes every node consistent.
+
+    Args:
+        groups: this rank's process groups.
+        tensors: the state to sync (parameters and floating-point buffers), shapes any.
+        wire_dtype: dtype on the MPI wire (bfloat16, float16 or float32).
+        timeout: seconds before a cross-node wait fails with ``CommTimeoutError``.
+        poll_interval: progress mode of the communication thread (see ``CrossNodeSum``).
+
+    Attributes:
+        state: the :class:`~daso.comm.FlatBuffer` mirroring ``tensors`` (float32 ``[P]``).
+        cross: the :class:`~daso.comm.CrossNodeSum`, or ``None`` on ranks without a
+            cross-node group (and on a single node).
+        sender: local rank whose group talks on the next sync.
+    """
+
+    def __init__(
+        self,
+        groups: ProcessGroups,
+        tensors: Sequence[torch.Tensor],
+        wire_dtype: torch.dtype,
+        timeout: float,
+        poll_interval: float = 0.0,
+    ) -> None:
+        self.groups = groups
+        self.topology = groups.topology
+        self.state = FlatBuffer(tensors, device=groups.device)
+        self.cross: CrossNodeSum | None = None
+        if groups.cross_comm is not None:
+            self.cross = CrossNodeSum(
+                groups.cross_comm, self.state.numel, wire_dtype, groups.device,
+                timeout=timeout, poll_interval=poll_interval,
+            )
+        self.sender = 0
+
+    def next_sender(self) -> int:
+        """Local rank whose cross-node group takes this sync; advances the rotation."""
+        sender = self.sender
+        self.sender = (sender + 1) % self.topology.num_cross_groups
+        return sender
+
+    def is_sender(self, sender: int) -> bool:
+        """Whether this rank talks across nodes for ``sender``'s sync."""
+        return self.topology.local_rank == sender
+
+    def broadcast_from(self, sender: int, buffer: FlatBuffer | None = None) -> None:
+        """Node-local broadcast of ``buffer.flat`` from local rank ``sender``, then unpack."""
+        buffer = buffer or self.state
+        src = self.topology.global_rank(self.topology.node_rank, sender)
+        broadcast(buffer.flat, src, self.groups.node_group)
+        buffer.unpack()
+
+    def average(
+        self, buffer: FlatBuffer | None = None, by_ranks: bool = False, tag: Any = None
+    ) -> None:
+        """Blocking average of ``buffer`` (default :attr:`state`) over all nodes.
+
+        Args:
+            buffer: the state to average; must fit the communication buffers
+                (see :meth:`reserve`).
+            by_ranks: weight node ``n`` by its rank count ``L_n`` (the mean over ranks, equal
+                to synchronous SGD's mean even with uneven nodes); else every node weighs 1.
+            tag: label for timeout errors.
+        """
+        buffer = buffer or self.state
+        topo = self.topology
+        sender = self.next_sender()
+        if self.is_sender(sender):
+            flat = buffer.pack()
+            if self.cross is not None:
+                if by_ranks:
+                    flat.mul_(topo.local_world_size)
+                flat.copy_(self.cross.allreduce(flat, tag=tag))
+                flat.div_(topo.world_size if by_ranks else topo.num_nodes)
+        self.broadcast_from(sender, buffer)
+
+    def reserve(self, numel: int) -> None:
+        """Make room for buffers of ``numel`` elements on the cross-node wire."""
+        if self.cross is not None:
+            self.cross.reserve(numel)
+
+    def counters(self) -> tuple[int, float]:
+        """``(bytes handed to MPI, seconds waited)`` since construction, this rank."""
+        if self.cross is None:
+            return 0, 0.0
+        return self.cross.bytes_sent, self.cross.wait_seconds
+
+    def close(self) -> None:
+        """Stop the communication thread."""
+        if self.cross is not None:
+            self.cross.close()

@@ -1,0 +1,119 @@
+"""``hierarchical``: synchronous two-level gradient allreduce every step.
+
+The scheme of Horovod's hierarchical allreduce and of NCCL's trees: reduce inside the node,
+allreduce across nodes, spread inside the node again. Here:
+
+1. DDP averages the gradients over the node's ``L_n`` ranks during ``backward()`` (bucketed,
+   overlapping the backward pass);
+2. the flat gradient is cut into ``K = min_n L_n`` shards; local rank ``i < K`` sums shard
+   ``i`` (scaled by ``L_n``, so the result is the mean over *ranks* even with uneven nodes) with
+   local rank ``i`` of every other node, over its cross-node MPI group ``C_i``: all of a node's
+   ranks use the cross-node link at once, each for ``1/K`` of the bytes;
+3. each owner broadcasts its shard inside the node (a node-local allgather).
+
+The result equals the gradient ``ddp`` computes, up to float rounding.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from daso.comm import (
+    WIRE_DTYPES,
+    CrossNodeSum,
+    FlatBuffer,
+    broadcast,
+    broadcast_tensors,
+    model_state_tensors,
+    wrap_data_parallel,
+)
+from daso.strategies.base import EpochCounters, Strategy
+from daso.topology import ProcessGroups
+
+
+def shard_bounds(numel: int, shards: int) -> list[tuple[int, int]]:
+    """``[start, stop)`` of ``shards`` contiguous, near-equal pieces of ``range(numel)``."""
+    edges = [round(i * numel / shards) for i in range(shards + 1)]
+    return list(zip(edges[:-1], edges[1:]))
+
+
+class HierarchicalStrategy(Strategy):
+    """Two-level synchronous gradient averaging (see the module docstring).
+
+    Args:
+        groups: the process groups.
+        epochs: total epochs (unused; part of the interface).
+        wire_dtype: dtype of the cross-node gradient shards: ``"float32"`` (default, exact),
+            ``"bfloat16"`` or ``"float16"``.
+        timeout_seconds: longest wait for a cross-node allreduce.
+
+    ``cross_node_bytes`` counts the shard bytes each rank hands to MPI: per step, every node
+    hands over the whole gradient once (``P * itemsize`` bytes, split over its ``K`` ranks).
+    """
+
+    name = "hierarchical"
+
+    def __init__(
+        self,
+        groups: ProcessGroups,
+        epochs: int,
+        *,
+        wire_dtype: str = "float32",
+        timeout_seconds: float = 300.0,
+    ) -> None:
+        super().__init__(groups, epochs, timeout_seconds)
+        self.wire_dtype = WIRE_DTYPES[wire_dtype]
+        self.counters = EpochCounters()
+        self.cross: CrossNodeSum | None = None
+
+    def wrap(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> torch.nn.Module:
+        topo = self.topology
+        self.optimizer = optimizer
+        self.model = wrap_data_parallel(
+            model, self.groups.node_group, topo.local_world_size, self.groups.device
+        )
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        self.grads = FlatBuffer(self.params, device=self.groups.device)
+        self.bounds = shard_bounds(self.grads.numel, topo.num_cross_groups)
+        if self.groups.cross_comm is not None:
+            start, stop = self.bounds[topo.local_rank]
+            self.cross = CrossNodeSum(
+                self.groups.cross_comm, stop - start, self.wire_dtype, self.groups.device,
+                timeout=self.timeout,
+            )
+        return self.model
+
+    def _gradients(self) -> list[torch.Tensor]:
+        for p in self.params:
+            if p.grad is None:  # a parameter unused this step contributes zeros
+                p.grad = torch.zeros_like(p)
+        return [p.grad for p in self.params]
+
+    def after_backward(self, batch: int) -> None:
+        topo = self.topology
+        if topo.num_nodes == 1:
+            return  # DDP over the node already averaged over every rank
+        grads = self._gradients()
+        flat = self.grads.pack(grads)
+        if self.cross is not None:
+            start, stop = self.bounds[topo.local_rank]
+            shard = flat[start:stop].mul_(topo.local_world_size)
+            shard.copy_(self.cross.allreduce(shard, tag=f"gradient shard, batch {batch}"))
+            shard.div_(topo.world_size)
+        for owner, (start, stop) in enumerate(self.bounds):
+            src = topo.global_rank(topo.node_rank, owner)
+            broadcast(flat[start:stop], src, self.groups.node_group)
+        self.grads.unpack(tensors=grads)
+
+    def epoch_metrics(self) -> dict[str, float]:
+        totals = (self.cross.bytes_sent, self.cross.wait_seconds) if self.cross else (0, 0.0)
+        return {"global_skips": 0, "local_skips": 1, "batches_to_wait": 0,
+                **self.counters.since_last(*totals)}
+
+    def end_epoch(self, epoch: int, loss: float) -> None:
+        # parameters agree everywhere; BatchNorm statistics were only synced inside nodes
+        broadcast_tensors(model_state_tensors(self.model), src=0)
+
+    def close(self) -> None:
+        if self.cross is not None:
+            self.cross.close()

@@ -1,0 +1,105 @@
+"""The baselines against ddp, step by step (plain SGD, fixed seeds, Gloo + MPI), and the
+cross-node bytes each strategy counts against their analytic values."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from mpi_harness import run_ranks
+
+pytestmark = pytest.mark.multiprocess
+
+STRATEGIES = [
+    ("ddp", "ddp", {}),
+    ("hierarchical", "hierarchical", {}),
+    ("hierarchical_bf16", "hierarchical", {"wire_dtype": "bfloat16"}),
+    ("local_sgd_1", "local_sgd", {"period": 1}),
+    ("local_sgd_4", "local_sgd", {"period": 4}),
+    ("local_sgd_warm", "local_sgd", {"period": 4, "warmup_steps": 2}),
+]
+STEPS = 8
+
+
+@pytest.fixture(scope="module", params=[(4, "2"), (3, "2,1")], ids=["2x2", "2+1"])
+def runs(request, tmp_path_factory):
+    n, layout = request.param
+    results = run_ranks("equivalence", n, layout, tmp_path_factory.mktemp("equivalence"),
+                        {"strategies": STRATEGIES, "steps": STEPS})
+    return results
+
+
+def rel_error(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).norm() / b.norm())
+
+
+def test_hierarchical_equals_ddp_after_every_step(runs):
+    for result in runs:
+        for got, want in zip(result["runs"]["hierarchical"]["trace"], result["runs"]["ddp"]["trace"]):
+            assert rel_error(got, want) < 1e-6
+
+
+def test_hierarchical_bfloat16_wire_stays_close(runs):
+    for result in runs:
+        got = result["runs"]["hierarchical_bf16"]["trace"][-1]
+        assert rel_error(got, result["runs"]["ddp"]["trace"][-1]) < 1e-2
+
+
+def test_local_sgd_period_1_equals_ddp_after_every_step(runs):
+    for result in runs:
+        for got, want in zip(result["runs"]["local_sgd_1"]["trace"], result["runs"]["ddp"]["trace"]):
+            assert rel_error(got, want) < 1e-6
+
+
+def test_local_sgd_period_4_agrees_exactly_on_steps_4_and_8(runs):
+    for step in range(STEPS):
+        traces = [r["runs"]["local_sgd_4"]["trace"][step] for r in runs]
+        same = all(torch.equal(traces[0], t) for t in traces[1:])
+        assert same == ((step + 1) % 4 == 0), f"step {step + 1}"
+
+
+def test_local_sgd_average_is_the_mean_over_nodes(runs):
+    """On steps 4 and 8 every rank holds sum_n L_n x_n / world, x_n the node's model before
+    the average (all ranks of a node share it: gradients are averaged in the node)."""
+    world = len(runs)
+    for step in (3, 7):
+        by_node = {}
+        for r in runs:
+            by_node.setdefault(r["topology"]["node"], []).append(
+                r["runs"]["local_sgd_4"]["before_sync"][step])
+        for models in by_node.values():
+            assert all(torch.equal(models[0], m) for m in models[1:])
+        expected = sum(len(ms) * ms[0].double() for ms in by_node.values()) / world
+        assert len(by_node) == 2 and not torch.equal(*[ms[0] for ms in by_node.values()])
+        for r in runs:
+            got = r["runs"]["local_sgd_4"]["trace"][step].double()
+            assert rel_error(got, expected) < 1e-6
+
+
+def test_local_sgd_warmup_averages_every_step_first(runs):
+    traces = [r["runs"]["local_sgd_warm"]["trace"] for r in runs]
+    agree = [all(torch.equal(tr[s], traces[0][s]) for tr in traces) for s in range(STEPS)]
+    assert agree == [True, True, False, True, False, False, False, True]
+
+
+def test_cross_node_bytes_match_analytic_counts(runs):
+    """Bytes handed to cross-node collectives, summed over ranks, for STEPS steps.
+
+    ddp: every rank hands its whole float32 gradient to the allreduce every step.
+    hierarchical: every node hands the whole gradient once per step, split in shards over its
+    min_n L_n ranks (float32: 4 bytes, bfloat16: 2). local_sgd: one rank per node hands the
+    float32 model state (parameters and BatchNorm statistics) per average."""
+    world = len(runs)
+    nodes = len({r["topology"]["node"] for r in runs})
+    numel = runs[0]["runs"]["ddp"]["numel"]
+    state = runs[0]["runs"]["ddp"]["state_numel"]
+
+    def total(label: str) -> int:
+        return sum(r["runs"][label]["metrics"]["cross_node_bytes"] for r in runs)
+
+    assert total("ddp") == STEPS * world * numel * 4
+    assert total("hierarchical") == STEPS * nodes * numel * 4
+    assert total("hierarchical_bf16") == STEPS * nodes * numel * 2
+    assert total("local_sgd_1") == STEPS * nodes * state * 4
+    assert total("local_sgd_4") == (STEPS // 4) * nodes * state * 4
+    assert total("local_sgd_warm") == (2 + 2) * nodes * state * 4  # steps 1, 2, 4, 8
