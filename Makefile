@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 # The CPU build of PyTorch; an unpinned torch would pull the multi-GB CUDA build.
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: install demo test clean
+.PHONY: install demo test clean horovod
 
 install: $(VENV)/.installed
 
@@ -24,3 +24,7 @@ test: install
 
 clean:
 	rm -rf $(VENV) runs .cache .pytest_cache
+
+# Horovod 0.28.1 needs a C++17 build against this torch: see docker/install_horovod.sh.
+horovod: install
+	docker/install_horovod.sh

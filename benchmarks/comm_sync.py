@@ -141,22 +141,56 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         description=__doc__.split("\n\n")[0],
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    parser.add_argument("--numel", type=int, default=10_000_000,
-                        help="elements of the flat float32 vector summed over nodes")
-    parser.add_argument("--repeats", type=int, default=5,
-                        help="timed repeats of every measurement (plus 1 untimed warm-up)")
-    parser.add_argument("--out-dir", type=Path, default=Path("benchmarks/results"),
-                        help="folder of comm_sync.csv and comm_sync.png (written by rank 0)")
-    parser.add_argument("--wire-dtypes", nargs="+", default=list(WIRE_DTYPES),
-                        choices=list(WIRE_DTYPES), help="wire dtypes to measure")
-    parser.add_argument("--poll-intervals", nargs="+", type=float, default=[0.0, 0.001, 0.005],
-                        help="CrossNodeSum poll_interval values in seconds (0 = blocking MPI call)")
-    parser.add_argument("--steps", type=int, default=20,
-                        help="compute steps per overlap window (the sync is waited after them)")
-    parser.add_argument("--step-ms", type=float, default=10.0,
-                        help="target duration of one compute step, milliseconds")
-    parser.add_argument("--step-mm", type=int, default=0,
-                        help="matrix products per compute step (0: calibrate to --step-ms)")
+    parser.add_argument(
+        "--numel",
+        type=int,
+        default=10_000_000,
+        help="elements of the flat float32 vector summed over nodes",
+    )
+    parser.add_argument(
+        "--repeats",
+        type=int,
+        default=5,
+        help="timed repeats of every measurement (plus 1 untimed warm-up)",
+    )
+    parser.add_argument(
+        "--out-dir",
+        type=Path,
+        default=Path("benchmarks/results"),
+        help="folder of comm_sync.csv and comm_sync.png (written by rank 0)",
+    )
+    parser.add_argument(
+        "--wire-dtypes",
+        nargs="+",
+        default=list(WIRE_DTYPES),
+        choices=list(WIRE_DTYPES),
+        help="wire dtypes to measure",
+    )
+    parser.add_argument(
+        "--poll-intervals",
+        nargs="+",
+        type=float,
+        default=[0.0, 0.001, 0.005],
+        help="CrossNodeSum poll_interval values in seconds (0 = blocking MPI call)",
+    )
+    parser.add_argument(
+        "--steps",
+        type=int,
+        default=20,
+        help="compute steps per overlap window (the sync is waited after them)",
+    )
+    parser.add_argument(
+        "--step-ms",
+        type=float,
+        default=10.0,
+        help="target duration of one compute step, milliseconds",
+    )
+    parser.add_argument(
+        "--step-mm",
+        type=int,
+        default=0,
+        help="matrix products per compute step (0: calibrate to --step-ms)",
+    )
     args = parser.parse_args(argv)
     if args.numel < 1 or args.repeats < 1 or args.steps < 1:
         parser.error("--numel, --repeats and --steps must be positive")
@@ -240,15 +274,35 @@ def measure_sync(
             setup=functools.partial(wire.copy_, flat),
         )
         seconds = slowest_median(comm, times)
-        rows.append(Row("mpi_allreduce", name, None, numel, nodes, args.repeats, seconds,
-                        gbytes_per_second(numel, dtype, seconds)))
+        rows.append(
+            Row(
+                "mpi_allreduce",
+                name,
+                None,
+                numel,
+                nodes,
+                args.repeats,
+                seconds,
+                gbytes_per_second(numel, dtype, seconds),
+            )
+        )
         del wire
         for poll in args.poll_intervals:
             sync.poll_interval = poll
             times = timed(comm, functools.partial(sync.allreduce, flat), args.repeats)
             seconds = slowest_median(comm, times)
-            rows.append(Row("sync_allreduce", name, poll, numel, nodes, args.repeats, seconds,
-                            gbytes_per_second(numel, dtype, seconds)))
+            rows.append(
+                Row(
+                    "sync_allreduce",
+                    name,
+                    poll,
+                    numel,
+                    nodes,
+                    args.repeats,
+                    seconds,
+                    gbytes_per_second(numel, dtype, seconds),
+                )
+            )
         log.info("sync %s done", name)
     return rows
 
@@ -269,15 +323,27 @@ def measure_reduce_op(comm: Any, args: argparse.Namespace) -> list[Row]:
         op = mpi_sum(dtype)[1]
         expected = (source.to(dtype) + inbuf).float()
         for measure, run in (
-            ("reduce_local", functools.partial(op.Reduce_local, mpi_buffer(inbuf),
-                                               mpi_buffer(inout))),
+            (
+                "reduce_local",
+                functools.partial(op.Reduce_local, mpi_buffer(inbuf), mpi_buffer(inout)),
+            ),
             ("torch_add", functools.partial(inout.add_, inbuf)),
         ):
             reset = functools.partial(inout.copy_, source)
             times = timed(comm, run, args.repeats, setup=reset, barrier=False)
             seconds = statistics.median(times)
-            rows.append(Row(measure, name, None, numel, 1, args.repeats, seconds,
-                            gbytes_per_second(numel, dtype, seconds)))
+            rows.append(
+                Row(
+                    measure,
+                    name,
+                    None,
+                    numel,
+                    1,
+                    args.repeats,
+                    seconds,
+                    gbytes_per_second(numel, dtype, seconds),
+                )
+            )
             if not torch.allclose(inout.float(), expected, rtol=2 * torch.finfo(dtype).eps):
                 raise RuntimeError(f"{measure} computed a wrong {name} sum")
     idle_barrier(comm)
@@ -378,8 +444,12 @@ def measure_overlap(
     """Rows ``compute`` and ``overlap`` (per dtype and poll interval)."""
     nodes, numel = comm.Get_size(), args.numel
     compute = Compute(args.step_mm) if args.step_mm > 0 else Compute.calibrated(comm, args.step_ms)
-    log.info("compute step: %d products of %dx%d float32 matrices", compute.count,
-             MATRIX_SIDE, MATRIX_SIDE)
+    log.info(
+        "compute step: %d products of %dx%d float32 matrices",
+        compute.count,
+        MATRIX_SIDE,
+        MATRIX_SIDE,
+    )
     configs = [(name, poll) for name in syncs for poll in args.poll_intervals]
     baseline: list[float] = []
     windows: dict[tuple[str, float], list[Window]] = {config: [] for config in configs}
@@ -392,22 +462,39 @@ def measure_overlap(
                 windows[name, poll].append(window)
         if index > 0:
             baseline.append(alone.mean_step)
-    rows = [Row("compute", "", None, numel, nodes, args.repeats,
-                slowest_median(comm, baseline), ratio=1.0)]
+    rows = [
+        Row(
+            "compute",
+            "",
+            None,
+            numel,
+            nodes,
+            args.repeats,
+            slowest_median(comm, baseline),
+            ratio=1.0,
+        )
+    ]
     for name, poll in configs:
         runs = windows[name, poll]
         ratios = [w.mean_step / b for w, b in zip(runs, baseline)]
         inflight = [w.mean_inflight_step / b for w, b in zip(runs, baseline)]
         completed = comm.allreduce(sum(w.completed_before_wait for w in runs))
-        rows.append(Row(
-            "overlap", name, poll, numel, nodes, args.repeats,
-            seconds=slowest_median(comm, [w.mean_step for w in runs]),
-            ratio=slowest_median(comm, ratios),
-            inflight_ratio=slowest_median(comm, inflight),
-            sync_seconds=slowest_median(comm, [w.sync_seconds for w in runs]),
-            wait_seconds=slowest_median(comm, [w.wait_seconds for w in runs]),
-            completed_before_wait=completed / (len(runs) * comm.Get_size()),
-        ))
+        rows.append(
+            Row(
+                "overlap",
+                name,
+                poll,
+                numel,
+                nodes,
+                args.repeats,
+                seconds=slowest_median(comm, [w.mean_step for w in runs]),
+                ratio=slowest_median(comm, ratios),
+                inflight_ratio=slowest_median(comm, inflight),
+                sync_seconds=slowest_median(comm, [w.sync_seconds for w in runs]),
+                wait_seconds=slowest_median(comm, [w.wait_seconds for w in runs]),
+                completed_before_wait=completed / (len(runs) * comm.Get_size()),
+            )
+        )
     return rows
 
 
@@ -420,22 +507,34 @@ def _cell(value: Any, scale: float = 1.0, digits: int = 3) -> str:
 
 
 def print_table(rows: Sequence[Row]) -> None:
-    header = ("measure", "wire", "poll s", "ms", "GB/s", "ratio", "inflight", "sync ms",
-              "wait ms", "done")
+    header = (
+        "measure",
+        "wire",
+        "poll s",
+        "ms",
+        "GB/s",
+        "ratio",
+        "inflight",
+        "sync ms",
+        "wait ms",
+        "done",
+    )
     lines = [header]
     for row in rows:
-        lines.append((
-            row.measure,
-            row.wire_dtype or "-",
-            "-" if row.poll_interval is None else f"{row.poll_interval:g}",
-            _cell(row.seconds, 1e3, 2),
-            _cell(row.gbytes_per_second, digits=2),
-            _cell(row.ratio, digits=2),
-            _cell(row.inflight_ratio, digits=2),
-            _cell(row.sync_seconds, 1e3, 1),
-            _cell(row.wait_seconds, 1e3, 2),
-            _cell(row.completed_before_wait, digits=2),
-        ))
+        lines.append(
+            (
+                row.measure,
+                row.wire_dtype or "-",
+                "-" if row.poll_interval is None else f"{row.poll_interval:g}",
+                _cell(row.seconds, 1e3, 2),
+                _cell(row.gbytes_per_second, digits=2),
+                _cell(row.ratio, digits=2),
+                _cell(row.inflight_ratio, digits=2),
+                _cell(row.sync_seconds, 1e3, 1),
+                _cell(row.wait_seconds, 1e3, 2),
+                _cell(row.completed_before_wait, digits=2),
+            )
+        )
     widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
     for number, line in enumerate(lines):
         print("  ".join(cell.rjust(width) for cell, width in zip(line, widths)))
@@ -475,22 +574,39 @@ def plot(rows: Sequence[Row], path: Path, title: str) -> None:
         axis.legend(fontsize=7)
 
     fig, axes = plt.subplots(1, 3, figsize=(16, 4.8))
-    sync = [("raw MPI_Allreduce", [value("mpi_allreduce", d, None, "gbytes_per_second")
-                                   for d in dtypes])]
-    sync += [(f"CrossNodeSum poll={p:g} s", [value("sync_allreduce", d, p, "gbytes_per_second")
-                                           for d in dtypes]) for p in polls]
+    sync = [
+        (
+            "raw MPI_Allreduce",
+            [value("mpi_allreduce", d, None, "gbytes_per_second") for d in dtypes],
+        )
+    ]
+    sync += [
+        (
+            f"CrossNodeSum poll={p:g} s",
+            [value("sync_allreduce", d, p, "gbytes_per_second") for d in dtypes],
+        )
+        for p in polls
+    ]
     bars(axes[0], sync)
     axes[0].set_title("blocking cross-node sum")
     axes[0].set_ylabel("GB/s of wire buffer")
-    bars(axes[1], [
-        ("op.Reduce_local", [value("reduce_local", d, None, "gbytes_per_second") for d in dtypes]),
-        ("torch add_", [value("torch_add", d, None, "gbytes_per_second") for d in dtypes]),
-    ])
+    bars(
+        axes[1],
+        [
+            (
+                "op.Reduce_local",
+                [value("reduce_local", d, None, "gbytes_per_second") for d in dtypes],
+            ),
+            ("torch add_", [value("torch_add", d, None, "gbytes_per_second") for d in dtypes]),
+        ],
+    )
     axes[1].set_title("reduction op alone (1 rank)")
     axes[1].set_ylabel("GB/s of one input buffer")
     axes[2].axhline(1.10, color="black", linestyle="--", linewidth=1, label="goal 1.10")
-    bars(axes[2], [(f"poll={p:g} s", [value("overlap", d, p, "ratio") for d in dtypes])
-                   for p in polls])
+    bars(
+        axes[2],
+        [(f"poll={p:g} s", [value("overlap", d, p, "ratio") for d in dtypes]) for p in polls],
+    )
     axes[2].set_title("compute step time, sync in flight / none")
     axes[2].set_ylabel("step-time ratio")
     axes[2].set_xlabel("wire dtype")
@@ -516,11 +632,16 @@ def main(argv: Sequence[str] | None = None) -> None:
     if not in_cross:
         idle_barrier(world)
         return
-    log.info("%s; C_0 has %d ranks, numel %d, %d repeats; load average %.2f", topo.describe(),
-             cross.Get_size(), args.numel, args.repeats, os.getloadavg()[0])
+    log.info(
+        "%s; C_0 has %d ranks, numel %d, %d repeats; load average %.2f",
+        topo.describe(),
+        cross.Get_size(),
+        args.numel,
+        args.repeats,
+        os.getloadavg()[0],
+    )
     flat = torch.rand(args.numel, generator=torch.Generator().manual_seed(cross.Get_rank()))
-    syncs = {name: CrossNodeSum(cross, args.numel, WIRE_DTYPES[name])
-             for name in args.wire_dtypes}
+    syncs = {name: CrossNodeSum(cross, args.numel, WIRE_DTYPES[name]) for name in args.wire_dtypes}
     try:
         rows = measure_sync(cross, args, syncs, flat)
         rows += measure_reduce_op(cross, args)
@@ -529,16 +650,21 @@ def main(argv: Sequence[str] | None = None) -> None:
         for sync in syncs.values():
             sync.close()
     if world.Get_rank() == 0:
-        title = (f"{topo.num_nodes} nodes x {topo.ranks_per_node} ranks, C_0 of "
-                 f"{cross.Get_size()} ranks, numel {args.numel:,}, median of {args.repeats}")
+        title = (
+            f"{topo.num_nodes} nodes x {topo.ranks_per_node} ranks, C_0 of "
+            f"{cross.Get_size()} ranks, numel {args.numel:,}, median of {args.repeats}"
+        )
         print(title)
         print_table(rows)
         args.out_dir.mkdir(parents=True, exist_ok=True)
         write_csv(rows, args.out_dir / "comm_sync.csv")
         plot(rows, args.out_dir / "comm_sync.png", title)
-        log.info("wrote %s and %s; load average %.2f (other processes disturb the timings)",
-                 args.out_dir / "comm_sync.csv", args.out_dir / "comm_sync.png",
-                 os.getloadavg()[0])
+        log.info(
+            "wrote %s and %s; load average %.2f (other processes disturb the timings)",
+            args.out_dir / "comm_sync.csv",
+            args.out_dir / "comm_sync.png",
+            os.getloadavg()[0],
+        )
     idle_barrier(world)
 
 

@@ -41,8 +41,9 @@ def build_datasets(config: Any) -> tuple[Any, Any]:
     if data.name == "mnist":
         from daso.data import mnist_datasets
 
-        train, val = mnist_datasets(data.root or None, val_size=data.val_size,
-                                    seed=config.trainer.seed)
+        train, val = mnist_datasets(
+            data.root or None, val_size=data.val_size, seed=config.trainer.seed
+        )
         if data.train_subset is not None:
             train = Subset(train, range(min(data.train_subset, len(train))))
         if data.val_subset is not None:
@@ -51,8 +52,12 @@ def build_datasets(config: Any) -> tuple[Any, Any]:
     from daso.data import cifar10_datasets
 
     return cifar10_datasets(
-        data.root, data.cache_dir, augment=data.augment, train_subset=data.train_subset,
-        val_subset=data.val_subset, seed=config.trainer.seed,
+        data.root,
+        data.cache_dir,
+        augment=data.augment,
+        train_subset=data.train_subset,
+        val_subset=data.val_subset,
+        seed=config.trainer.seed,
     )
 
 
@@ -63,7 +68,10 @@ def build_optimizer(config: Any, params: Any) -> Any:
     optim = config.optim
     if optim.name == "sgd":
         return torch.optim.SGD(
-            params, lr=optim.lr, momentum=optim.momentum, nesterov=optim.nesterov,
+            params,
+            lr=optim.lr,
+            momentum=optim.momentum,
+            nesterov=optim.nesterov,
             weight_decay=optim.weight_decay,
         )
     cls = torch.optim.Adam if optim.name == "adam" else torch.optim.AdamW
@@ -82,14 +90,19 @@ def cmd_train(args: argparse.Namespace) -> int:
         torch.set_num_threads(config.trainer.num_threads)
     train_set, val_set = build_datasets(config)
     torch.manual_seed(config.trainer.seed)
-    model = build_model(config.model.name, num_classes=config.model.num_classes,
-                        **({"width": config.model.width} if config.model.name != "mnist_cnn" else {}))
+    model = build_model(
+        config.model.name,
+        num_classes=config.model.num_classes,
+        **({"width": config.model.width} if config.model.name != "mnist_cnn" else {}),
+    )
 
     from daso.trainer import Trainer
 
     trainer = Trainer(
-        model, lambda params: build_optimizer(config, params),
-        torch.nn.functional.cross_entropy, config,
+        model,
+        lambda params: build_optimizer(config, params),
+        torch.nn.functional.cross_entropy,
+        config,
     )
     try:
         history = trainer.fit(train_set, val_set)
@@ -99,7 +112,9 @@ def cmd_train(args: argparse.Namespace) -> int:
         last = history[-1]
         log.info(
             "done: %d epochs, final val accuracy %.4f, metrics in %s",
-            len(history), last["val_accuracy"], trainer.metrics_path,
+            len(history),
+            last["val_accuracy"],
+            trainer.metrics_path,
         )
     return EXIT_OK
 
@@ -145,7 +160,9 @@ def make_parser() -> argparse.ArgumentParser:
     train = sub.add_parser("train", help="train a model from a YAML config")
     train.add_argument("--config", required=True, help="YAML config file (see configs/)")
     train.add_argument(
-        "--set", action="append", metavar="KEY=VALUE",
+        "--set",
+        action="append",
+        metavar="KEY=VALUE",
         help="override a config key, e.g. --set strategy.max_global_skips=4 (repeatable)",
     )
     train.set_defaults(func=cmd_train)

@@ -111,6 +111,15 @@ class LocalSGDConfig(Section):
     wire_dtype: WireDtype = Field("float32", description="Wire dtype of the model average.")
 
 
+class HorovodConfig(Section):
+    name: Literal["horovod"] = Field(
+        "horovod", description="horovod.torch.DistributedOptimizer (make horovod first)."
+    )
+    hierarchical_allreduce: bool = Field(
+        False, description="HOROVOD_HIERARCHICAL_ALLREDUCE: reduce inside nodes first."
+    )
+
+
 class DASOConfig(Section):
     name: Literal["daso"] = Field("daso", description="DASO (Coquelin et al. 2022).")
     warmup_epochs: int = Field(4, ge=0, description="Blocking epochs at the start.")
@@ -119,7 +128,9 @@ class DASOConfig(Section):
         0.05, ge=0, lt=1, description="Relative loss improvement below which an epoch stalls."
     )
     patience: int = Field(2, ge=0, description="Stalled epochs before a plateau.")
-    max_global_skips: int = Field(8, ge=1, description="Largest global_skips; cycling starts at half.")
+    max_global_skips: int = Field(
+        8, ge=1, description="Largest global_skips; cycling starts at half."
+    )
     skip_reduction_factor: int = Field(2, ge=2, description="Skips divided by this per plateau.")
     local_skip_factor: int = Field(
         4, ge=1, description="After a reset, local_skips = batches_to_wait = max / this."
@@ -134,11 +145,15 @@ class DASOConfig(Section):
 
 
 StrategyConfig = Annotated[
-    DASOConfig | DDPConfig | HierarchicalConfig | LocalSGDConfig, Field(discriminator="name")
+    DASOConfig | DDPConfig | HierarchicalConfig | LocalSGDConfig | HorovodConfig,
+    Field(discriminator="name"),
 ]
 STRATEGY_SECTIONS: dict[str, type[Section]] = {
-    "daso": DASOConfig, "ddp": DDPConfig, "hierarchical": HierarchicalConfig,
+    "daso": DASOConfig,
+    "ddp": DDPConfig,
+    "hierarchical": HierarchicalConfig,
     "local_sgd": LocalSGDConfig,
+    "horovod": HorovodConfig,
 }
 
 
@@ -234,7 +249,9 @@ def _read_yaml(path: Path) -> dict[str, Any]:
     if data is None:
         return {}
     if not isinstance(data, dict):
-        raise ConfigError(f"{path}: the top level must be a mapping of sections, got {type(data).__name__}")
+        raise ConfigError(
+            f"{path}: the top level must be a mapping of sections, got {type(data).__name__}"
+        )
     return data
 
 
@@ -268,9 +285,7 @@ def apply_override(data: dict[str, Any], override: str) -> None:
     node[leaf] = value
 
 
-def load_config(
-    path: str | os.PathLike[str] | None, overrides: Sequence[str] = ()
-) -> Config:
+def load_config(path: str | os.PathLike[str] | None, overrides: Sequence[str] = ()) -> Config:
     """Load, override and validate a config.
 
     Args:

@@ -34,5 +34,7 @@ def configure_logging(rank: int, level: int | None = None) -> None:
     handler.addFilter(_RankFilter(rank))
     handler.setFormatter(logging.Formatter(_FORMAT, datefmt="%H:%M:%S"))
     logger.addHandler(handler)
-    logger.setLevel(level if level is not None else (logging.INFO if rank == 0 else logging.WARNING))
+    logger.setLevel(
+        level if level is not None else (logging.INFO if rank == 0 else logging.WARNING)
+    )
     logger.propagate = False

@@ -113,7 +113,8 @@ class DASOSchedule:
         patience: epochs without progress tolerated before a plateau.
         max_global_skips: largest S; cycling starts at ``max_global_skips // 2``.
         skip_reduction_factor: S and local skips are divided by it on a plateau.
-        local_skip_factor: after a reset, ``local_skips = W = max_global_skips // local_skip_factor``.
+        local_skip_factor: after a reset,
+            ``local_skips = W = max_global_skips // local_skip_factor``.
 
     Raises:
         ConfigError: an out-of-range value or ``warmup_epochs + cooldown_epochs > epochs``.

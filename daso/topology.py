@@ -1,4 +1,4 @@
-"""Who am I: rank, node and local rank, read from the launcher, and the process groups built on them.
+"""Who am I: rank, node and local rank from the launcher, and the process groups built on them.
 
 The layer at the bottom of :mod:`daso`. It answers three questions for each process:
 
@@ -36,8 +36,14 @@ RANKS_PER_NODE_ENV = "DASO_RANKS_PER_NODE"
 # (launcher name, rank, world size, local rank, local world size, node id) variable names.
 _LAUNCHERS: tuple[tuple[str, str, str, str | None, str | None, str | None], ...] = (
     ("torchrun", "RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK"),
-    ("openmpi", "OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_SIZE",
-     "OMPI_COMM_WORLD_LOCAL_RANK", "OMPI_COMM_WORLD_LOCAL_SIZE", None),
+    (
+        "openmpi",
+        "OMPI_COMM_WORLD_RANK",
+        "OMPI_COMM_WORLD_SIZE",
+        "OMPI_COMM_WORLD_LOCAL_RANK",
+        "OMPI_COMM_WORLD_LOCAL_SIZE",
+        None,
+    ),
     ("mpich", "PMI_RANK", "PMI_SIZE", "MPI_LOCALRANKID", "MPI_LOCALNRANKS", None),
     ("slurm", "SLURM_PROCID", "SLURM_NTASKS", "SLURM_LOCALID", None, "SLURM_NODEID"),
 )
@@ -433,7 +439,9 @@ def init_distributed(
         if topo.local_world_size > count:
             log.warning(
                 "%d ranks share %d GPU(s) on node %d: NCCL refuses that, using Gloo",
-                topo.local_world_size, count, topo.node_rank,
+                topo.local_world_size,
+                count,
+                topo.node_rank,
             )
         backend = "nccl" if topo.local_world_size <= count else "gloo"
     else:

@@ -26,7 +26,7 @@ import logging
 import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Union
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
@@ -43,12 +43,14 @@ if TYPE_CHECKING:  # the config layer sits above the trainer; only its type is n
 log = logging.getLogger(__name__)
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
-OptimizerLike = Union[torch.optim.Optimizer, Callable[[Iterable[torch.nn.Parameter]], torch.optim.Optimizer]]
-SchedulerLike = Union[
-    torch.optim.lr_scheduler.LRScheduler,
-    Callable[[torch.optim.Optimizer], torch.optim.lr_scheduler.LRScheduler],
-    None,
-]
+OptimizerLike = (
+    torch.optim.Optimizer | Callable[[Iterable[torch.nn.Parameter]], torch.optim.Optimizer]
+)
+SchedulerLike = (
+    torch.optim.lr_scheduler.LRScheduler
+    | Callable[[torch.optim.Optimizer], torch.optim.lr_scheduler.LRScheduler]
+    | None
+)
 
 
 def scheduler_from_config(
@@ -120,6 +122,7 @@ class Trainer:
             {**config.strategy_options(), "timeout_seconds": tcfg.timeout_seconds},
         )
         self.model = self.strategy.wrap(model, self.optimizer)
+        self.optimizer = self.strategy.optimizer  # the same object, or the strategy's wrapper
         if lr_scheduler is None:
             self.lr_scheduler = scheduler_from_config(self.optimizer, config.optim, tcfg.epochs)
         elif isinstance(lr_scheduler, torch.optim.lr_scheduler.LRScheduler):
@@ -143,18 +146,27 @@ class Trainer:
                 "use more data or fewer ranks"
             )
         sampler = DistributedSampler(
-            dataset, num_replicas=world, rank=self.rank, shuffle=True,
-            seed=self.config.trainer.seed, drop_last=True,
+            dataset,
+            num_replicas=world,
+            rank=self.rank,
+            shuffle=True,
+            seed=self.config.trainer.seed,
+            drop_last=True,
         )
         return DataLoader(
-            dataset, batch_size=self.config.data.batch_size, sampler=sampler,
-            num_workers=self.config.data.num_workers, pin_memory=self.device.type == "cuda",
+            dataset,
+            batch_size=self.config.data.batch_size,
+            sampler=sampler,
+            num_workers=self.config.data.num_workers,
+            pin_memory=self.device.type == "cuda",
         )
 
     def _val_loader(self, dataset: Dataset) -> DataLoader:
         shard = Subset(dataset, range(self.rank, len(dataset), self.topology.world_size))
         return DataLoader(
-            shard, batch_size=self.config.data.val_batch_size, shuffle=False,
+            shard,
+            batch_size=self.config.data.val_batch_size,
+            shuffle=False,
             num_workers=self.config.data.num_workers,
         )
 
@@ -164,7 +176,9 @@ class Trainer:
         )
 
     # -- loop ----------------------------------------------------------------------------------
-    def fit(self, train_dataset: Dataset, val_dataset: Dataset | None = None) -> list[dict[str, Any]]:
+    def fit(
+        self, train_dataset: Dataset, val_dataset: Dataset | None = None
+    ) -> list[dict[str, Any]]:
         """Train for ``config.trainer.epochs`` epochs; evaluate after each if ``val_dataset``.
 
         Every rank must call it with the same datasets (each reads its own shard). Samples are
@@ -217,13 +231,16 @@ class Trainer:
         samples = 0
         clip = self.config.trainer.grad_clip_norm
         bar = tqdm(
-            total=num_batches, desc=f"epoch {epoch}", leave=False, dynamic_ncols=True,
+            total=num_batches,
+            desc=f"epoch {epoch}",
+            leave=False,
+            dynamic_ncols=True,
             disable=self.rank != 0 or not self.config.trainer.progress,
         )
         for batch, (inputs, targets) in enumerate(loader):
             inputs = inputs.to(self.device, non_blocking=True)
             targets = targets.to(self.device, non_blocking=True)
-            self.optimizer.zero_grad(set_to_none=True)
+            self.optimizer.zero_grad()  # set_to_none by default; Horovod's takes no argument
             with self.strategy.sync_context(batch):
                 with self._autocast():
                     loss = self.loss_fn(self.model(inputs), targets)
@@ -232,7 +249,8 @@ class Trainer:
             if clip is not None:
                 self.scaler.unscale_(self.optimizer)
                 torch.nn.utils.clip_grad_norm_(self.module.parameters(), clip)
-            self.scaler.step(self.optimizer)
+            with self.strategy.step_context():
+                self.scaler.step(self.optimizer)
             self.scaler.update()
             self.strategy.after_step(batch)
             loss_sum += loss.detach().double() * len(targets)
@@ -285,9 +303,14 @@ class Trainer:
         log.info(
             "epoch %d | train loss %.4f | %s | global_skips %s local_skips %s "
             "batches_to_wait %s | cross-node %.2f MB | %.1f s",
-            row["epoch"], row["train_loss"], val, row.get("global_skips", "-"),
-            row.get("local_skips", "-"), row.get("batches_to_wait", "-"),
-            row["cross_node_bytes"] / 1e6, row["epoch_seconds"],
+            row["epoch"],
+            row["train_loss"],
+            val,
+            row.get("global_skips", "-"),
+            row.get("local_skips", "-"),
+            row.get("batches_to_wait", "-"),
+            row["cross_node_bytes"] / 1e6,
+            row["epoch_seconds"],
         )
         with self.metrics_path.open("a") as handle:
             handle.write(json.dumps(row) + "\n")

@@ -34,12 +34,18 @@ def mpi_env(layout: str | None) -> dict[str, str]:
     return env
 
 
-def run_command(args: list[str], n: int, layout: str | None, timeout: float = 240,
-                cwd: Path | None = None) -> subprocess.CompletedProcess:
+def run_command(
+    args: list[str], n: int, layout: str | None, timeout: float = 240, cwd: Path | None = None
+) -> subprocess.CompletedProcess:
     """Run ``args`` (a program and its arguments) as ``n`` MPI ranks; kill all on timeout."""
     proc = subprocess.Popen(
-        [str(MPIEXEC), "-n", str(n), *args], env=mpi_env(layout), cwd=cwd or ROOT,
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+        [str(MPIEXEC), "-n", str(n), *args],
+        env=mpi_env(layout),
+        cwd=cwd or ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
     )
     try:
         out, err = proc.communicate(timeout=timeout)
@@ -50,14 +56,22 @@ def run_command(args: list[str], n: int, layout: str | None, timeout: float = 24
     return subprocess.CompletedProcess(args, proc.returncode, out, err)
 
 
-def run_ranks(scenario: str, n: int, layout: str | None, tmp_path: Path,
-              params: dict[str, Any] | None = None, timeout: float = 240) -> list[Any]:
+def run_ranks(
+    scenario: str,
+    n: int,
+    layout: str | None,
+    tmp_path: Path,
+    params: dict[str, Any] | None = None,
+    timeout: float = 240,
+) -> list[Any]:
     """Run ``scenario`` of ``mpi_worker.py`` on ``n`` ranks; return each rank's saved result."""
     out = tmp_path / scenario
     out.mkdir(parents=True, exist_ok=True)
     result = run_command(
         [sys.executable, str(WORKER), scenario, str(out), json.dumps(params or {})],
-        n, layout, timeout,
+        n,
+        layout,
+        timeout,
     )
     assert result.returncode == 0, f"{scenario} failed:\n{result.stdout}\n{result.stderr}"
     return [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(n)]

@@ -38,8 +38,13 @@ def digest(tensors: list[torch.Tensor]) -> str:
 
 def topology_info(groups: ProcessGroups) -> dict[str, Any]:
     t = groups.topology
-    return {"rank": t.rank, "node": t.node_rank, "local_rank": t.local_rank,
-            "node_ranks": t.node_ranks, "num_nodes": t.num_nodes}
+    return {
+        "rank": t.rank,
+        "node": t.node_rank,
+        "local_rank": t.local_rank,
+        "node_ranks": t.node_ranks,
+        "num_nodes": t.num_nodes,
+    }
 
 
 def scenario_merge(groups: ProcessGroups, params: dict[str, Any]) -> dict[str, Any]:
@@ -50,12 +55,13 @@ def scenario_merge(groups: ProcessGroups, params: dict[str, Any]) -> dict[str, A
         for w in (0, 1, 2):
             torch.manual_seed(0)
             model = tiny_model()
-            strategy = DASOStrategy(groups, epochs=1, warmup_epochs=0, cooldown_epochs=0,
-                                    downcast=downcast)
+            strategy = DASOStrategy(
+                groups, epochs=1, warmup_epochs=0, cooldown_epochs=0, downcast=downcast
+            )
             strategy.wrap(model, torch.optim.SGD(model.parameters(), lr=0.1))
             state = FlatBuffer(model_state_tensors(model))
 
-            def fill(seed: int) -> torch.Tensor:
+            def fill(seed: int, state: FlatBuffer = state) -> torch.Tensor:
                 values = torch.randn(state.numel, generator=torch.Generator().manual_seed(seed))
                 state.unpack(values)
                 return values.clone()
@@ -73,8 +79,15 @@ def scenario_merge(groups: ProcessGroups, params: dict[str, Any]) -> dict[str, A
                 for batch in range(1, w + 1):
                     strategy.after_step(batch)
             assert strategy.pending is None
-            cases.append({"downcast": downcast, "w": w, "sent": sent, "local": local,
-                          "final": state.pack().clone()})
+            cases.append(
+                {
+                    "downcast": downcast,
+                    "w": w,
+                    "sent": sent,
+                    "local": local,
+                    "final": state.pack().clone(),
+                }
+            )
             strategy.close()
     return {"topology": topology_info(groups), "cases": cases}
 
@@ -85,12 +98,23 @@ def scenario_consistency(groups: ProcessGroups, params: dict[str, Any]) -> dict[
     from daso.models import build_model
     from daso.trainer import Trainer
 
-    config = load_config(None, [
-        "trainer.epochs=6", "trainer.progress=false", "trainer.num_threads=1",
-        f"trainer.output_dir={params['out']}", "data.batch_size=16", "data.train_subset=1024",
-        "data.val_size=256", "strategy.warmup_epochs=0", "strategy.cooldown_epochs=1",
-        "strategy.max_global_skips=8", "strategy.patience=0", "strategy.stability_level=0.99",
-    ])
+    config = load_config(
+        None,
+        [
+            "trainer.epochs=6",
+            "trainer.progress=false",
+            "trainer.num_threads=1",
+            f"trainer.output_dir={params['out']}",
+            "data.batch_size=16",
+            "data.train_subset=1024",
+            "data.val_size=256",
+            "strategy.warmup_epochs=0",
+            "strategy.cooldown_epochs=1",
+            "strategy.max_global_skips=8",
+            "strategy.patience=0",
+            "strategy.stability_level=0.99",
+        ],
+    )
     train_set, val_set = build_datasets(config)
     torch.manual_seed(0)
     model = build_model("mnist_cnn")
@@ -104,10 +128,16 @@ def scenario_consistency(groups: ProcessGroups, params: dict[str, Any]) -> dict[
     def record_batch(batch: int) -> None:
         p = strategy.schedule.params
         after_step(batch)
-        batches.append({"epoch": strategy.schedule.epoch, "batch": batch,
-                        "local_skips": p.local_skips, "global_skips": p.global_skips,
-                        "local_sync": p.is_local_sync_batch(batch),
-                        "params": digest(list(model.parameters()))})
+        batches.append(
+            {
+                "epoch": strategy.schedule.epoch,
+                "batch": batch,
+                "local_skips": p.local_skips,
+                "global_skips": p.global_skips,
+                "local_sync": p.is_local_sync_batch(batch),
+                "params": digest(list(model.parameters())),
+            }
+        )
 
     def record_epoch(epoch: int, loss: float) -> None:
         epochs.append(digest(model_state_tensors(model) + optimizer_state_tensors(optimizer)))
@@ -116,8 +146,12 @@ def scenario_consistency(groups: ProcessGroups, params: dict[str, Any]) -> dict[
     strategy.after_step, strategy.end_epoch = record_batch, record_epoch
     history = trainer.fit(train_set, val_set)
     trainer.close()
-    return {"topology": topology_info(groups), "batches": batches, "epochs": epochs,
-            "history": history}
+    return {
+        "topology": topology_info(groups),
+        "batches": batches,
+        "epochs": epochs,
+        "history": history,
+    }
 
 
 def scenario_progress(groups: ProcessGroups, params: dict[str, Any]) -> dict[str, Any]:
@@ -133,8 +167,14 @@ def scenario_progress(groups: ProcessGroups, params: dict[str, Any]) -> dict[str
             a = torch.tanh(a @ a)  # compute only: no MPI call on this thread
         done_before_wait = pending.done()
         total = cross.wait()
-        results.append({"poll": poll, "done_before_wait": done_before_wait,
-                        "sum": float(total[0]), "all_equal": bool((total == total[0]).all())})
+        results.append(
+            {
+                "poll": poll,
+                "done_before_wait": done_before_wait,
+                "sum": float(total[0]),
+                "all_equal": bool((total == total[0]).all()),
+            }
+        )
         cross.close()
     return {"topology": topology_info(groups), "results": results}
 
@@ -144,31 +184,56 @@ def scenario_trainer_features(groups: ProcessGroups, params: dict[str, Any]) -> 
     from daso.cli import build_datasets
     from daso.trainer import Trainer
 
-    config = load_config(None, [
-        "trainer.epochs=3", "trainer.progress=false", f"trainer.output_dir={params['out']}",
-        "trainer.amp=true", "trainer.grad_clip_norm=1.0", "optim.scheduler=step",
-        "optim.step_size=1", "optim.gamma=0.5", "data.batch_size=32", "data.train_subset=1024",
-        "data.val_size=500", "strategy.warmup_epochs=1", "strategy.cooldown_epochs=1",
-        "strategy.downcast=float16",
-    ])
+    config = load_config(
+        None,
+        [
+            "trainer.epochs=3",
+            "trainer.progress=false",
+            f"trainer.output_dir={params['out']}",
+            "trainer.amp=true",
+            "trainer.grad_clip_norm=1.0",
+            "optim.scheduler=step",
+            "optim.step_size=1",
+            "optim.gamma=0.5",
+            "data.batch_size=32",
+            "data.train_subset=1024",
+            "data.val_size=500",
+            "strategy.warmup_epochs=1",
+            "strategy.cooldown_epochs=1",
+            "strategy.downcast=float16",
+        ],
+    )
     train_set, val_set = build_datasets(config)
     torch.manual_seed(groups.topology.rank)  # a different "pretrained" model on every rank
     model = tiny_image_model()
     before = [t.clone() for t in model_state_tensors(model)]
-    trainer = Trainer(model, lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.9),
-                      torch.nn.functional.cross_entropy, config, groups=groups)
+    trainer = Trainer(
+        model,
+        lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.9),
+        torch.nn.functional.cross_entropy,
+        config,
+        groups=groups,
+    )
     after_wrap = [t.clone() for t in model_state_tensors(model)]
     history = trainer.fit(train_set, val_set)
     state = trainer.state_dict()
     trainer.close()
-    return {"before": before, "after_wrap": after_wrap, "history": history,
-            "final": digest(model_state_tensors(model)), "schedule": state["strategy"]}
+    return {
+        "before": before,
+        "after_wrap": after_wrap,
+        "history": history,
+        "final": digest(model_state_tensors(model)),
+        "schedule": state["strategy"],
+    }
 
 
 def tiny_image_model() -> torch.nn.Module:
     return torch.nn.Sequential(
-        torch.nn.Conv2d(1, 4, 3, stride=2), torch.nn.BatchNorm2d(4), torch.nn.ReLU(),
-        torch.nn.Flatten(), torch.nn.Linear(4 * 13 * 13, 10),
+        torch.nn.Conv2d(1, 4, 3, stride=2),
+        torch.nn.BatchNorm2d(4),
+        torch.nn.ReLU(),
+        torch.nn.Flatten(),
+        torch.nn.Linear(4 * 13 * 13, 10),
     )
 
 
@@ -179,8 +244,10 @@ def scenario_equivalence(groups: ProcessGroups, params: dict[str, Any]) -> dict[
 
     rank = groups.topology.rank
     data = torch.Generator().manual_seed(1234 + rank)
-    batches = [(torch.randn(6, 8, generator=data), torch.randint(0, 4, (6,), generator=data))
-               for _ in range(params.get("steps", 8))]
+    batches = [
+        (torch.randn(6, 8, generator=data), torch.randint(0, 4, (6,), generator=data))
+        for _ in range(params.get("steps", 8))
+    ]
     runs = {}
     for label, name, options in params["strategies"]:
         torch.manual_seed(0)
@@ -191,21 +258,26 @@ def scenario_equivalence(groups: ProcessGroups, params: dict[str, Any]) -> dict[
         strategy.begin_epoch(0, len(batches) + 1)  # no epoch end inside the run
         trace, before_sync = [], []
 
-        def flat_params() -> torch.Tensor:
+        def flat_params(model: torch.nn.Module = model) -> torch.Tensor:
             return torch.cat([p.detach().reshape(-1).clone() for p in model.parameters()])
 
         for batch, (inputs, targets) in enumerate(batches):
-            optimizer.zero_grad(set_to_none=True)
+            strategy.optimizer.zero_grad()
             with strategy.sync_context(batch):
                 torch.nn.functional.cross_entropy(wrapped(inputs), targets).backward()
             strategy.after_backward(batch)
-            optimizer.step()
+            with strategy.step_context():
+                strategy.optimizer.step()
             before_sync.append(flat_params())
             strategy.after_step(batch)
             trace.append(flat_params())
-        runs[label] = {"trace": trace, "before_sync": before_sync, "metrics": strategy.epoch_metrics(),
-                       "numel": sum(p.numel() for p in model.parameters()),
-                       "state_numel": sum(t.numel() for t in model_state_tensors(model))}
+        runs[label] = {
+            "trace": trace,
+            "before_sync": before_sync,
+            "metrics": strategy.epoch_metrics(),
+            "numel": sum(p.numel() for p in model.parameters()),
+            "state_numel": sum(t.numel() for t in model_state_tensors(model)),
+        }
         strategy.close()
     return {"topology": topology_info(groups), "runs": runs}
 

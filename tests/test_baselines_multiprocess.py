@@ -17,6 +17,7 @@ STRATEGIES = [
     ("local_sgd_1", "local_sgd", {"period": 1}),
     ("local_sgd_4", "local_sgd", {"period": 4}),
     ("local_sgd_warm", "local_sgd", {"period": 4, "warmup_steps": 2}),
+    ("daso", "daso", {"warmup_epochs": 0, "cooldown_epochs": 0, "max_global_skips": 8}),
 ]
 STEPS = 8
 
@@ -24,8 +25,13 @@ STEPS = 8
 @pytest.fixture(scope="module", params=[(4, "2"), (3, "2,1")], ids=["2x2", "2+1"])
 def runs(request, tmp_path_factory):
     n, layout = request.param
-    results = run_ranks("equivalence", n, layout, tmp_path_factory.mktemp("equivalence"),
-                        {"strategies": STRATEGIES, "steps": STEPS})
+    results = run_ranks(
+        "equivalence",
+        n,
+        layout,
+        tmp_path_factory.mktemp("equivalence"),
+        {"strategies": STRATEGIES, "steps": STEPS},
+    )
     return results
 
 
@@ -35,7 +41,9 @@ def rel_error(a: torch.Tensor, b: torch.Tensor) -> float:
 
 def test_hierarchical_equals_ddp_after_every_step(runs):
     for result in runs:
-        for got, want in zip(result["runs"]["hierarchical"]["trace"], result["runs"]["ddp"]["trace"]):
+        for got, want in zip(
+            result["runs"]["hierarchical"]["trace"], result["runs"]["ddp"]["trace"]
+        ):
             assert rel_error(got, want) < 1e-6
 
 
@@ -47,7 +55,9 @@ def test_hierarchical_bfloat16_wire_stays_close(runs):
 
 def test_local_sgd_period_1_equals_ddp_after_every_step(runs):
     for result in runs:
-        for got, want in zip(result["runs"]["local_sgd_1"]["trace"], result["runs"]["ddp"]["trace"]):
+        for got, want in zip(
+            result["runs"]["local_sgd_1"]["trace"], result["runs"]["ddp"]["trace"]
+        ):
             assert rel_error(got, want) < 1e-6
 
 
@@ -66,7 +76,8 @@ def test_local_sgd_average_is_the_mean_over_nodes(runs):
         by_node = {}
         for r in runs:
             by_node.setdefault(r["topology"]["node"], []).append(
-                r["runs"]["local_sgd_4"]["before_sync"][step])
+                r["runs"]["local_sgd_4"]["before_sync"][step]
+            )
         for models in by_node.values():
             assert all(torch.equal(models[0], m) for m in models[1:])
         expected = sum(len(ms) * ms[0].double() for ms in by_node.values()) / world
@@ -88,7 +99,12 @@ def test_cross_node_bytes_match_analytic_counts(runs):
     ddp: every rank hands its whole float32 gradient to the allreduce every step.
     hierarchical: every node hands the whole gradient once per step, split in shards over its
     min_n L_n ranks (float32: 4 bytes, bfloat16: 2). local_sgd: one rank per node hands the
-    float32 model state (parameters and BatchNorm statistics) per average."""
+    float32 model state (parameters and BatchNorm statistics) per average. daso (cycling,
+    global_skips 4): one rank per node sends the bfloat16 model state on batches 0 and 4.
+
+    These are payloads handed to MPI. On the wire, MPICH's allreduce of a large buffer over N
+    ranks (Rabenseifner: reduce-scatter then allgather) sends 2(N-1)/N times the payload per
+    rank, which is exactly the payload for the 2 nodes here."""
     world = len(runs)
     nodes = len({r["topology"]["node"] for r in runs})
     numel = runs[0]["runs"]["ddp"]["numel"]
@@ -103,3 +119,4 @@ def test_cross_node_bytes_match_analytic_counts(runs):
     assert total("local_sgd_1") == STEPS * nodes * state * 4
     assert total("local_sgd_4") == (STEPS // 4) * nodes * state * 4
     assert total("local_sgd_warm") == (2 + 2) * nodes * state * 4  # steps 1, 2, 4, 8
+    assert total("daso") == 2 * nodes * state * 2

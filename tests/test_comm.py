@@ -11,7 +11,9 @@ from daso.strategies import merge_stale_sum
 
 
 def model_with_frozen_layer() -> torch.nn.Module:
-    model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.BatchNorm1d(4), torch.nn.Linear(4, 2))
+    model = torch.nn.Sequential(
+        torch.nn.Linear(3, 4), torch.nn.BatchNorm1d(4), torch.nn.Linear(4, 2)
+    )
     model[0].requires_grad_(False)
     return model
 
@@ -19,8 +21,11 @@ def model_with_frozen_layer() -> torch.nn.Module:
 def test_state_tensors_include_frozen_params_and_bn_statistics_not_counters():
     model = model_with_frozen_layer()
     tensors = model_state_tensors(model)
-    names = [n for n, t in list(model.named_parameters()) + list(model.named_buffers())
-             if t.is_floating_point()]
+    names = [
+        n
+        for n, t in list(model.named_parameters()) + list(model.named_buffers())
+        if t.is_floating_point()
+    ]
     assert len(tensors) == len(names) == 8  # 6 params + running_mean + running_var
     assert all(t.is_floating_point() for t in tensors)
 

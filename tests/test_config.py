@@ -30,9 +30,16 @@ def test_every_shipped_config_validates(path):
 
 def test_defaults_are_the_reference_values():
     daso = load_config(None).strategy
-    assert (daso.warmup_epochs, daso.cooldown_epochs, daso.stability_level, daso.patience,
-            daso.max_global_skips, daso.skip_reduction_factor, daso.local_skip_factor,
-            daso.downcast) == (4, 4, 0.05, 2, 8, 2, 4, "bfloat16")
+    assert (
+        daso.warmup_epochs,
+        daso.cooldown_epochs,
+        daso.stability_level,
+        daso.patience,
+        daso.max_global_skips,
+        daso.skip_reduction_factor,
+        daso.local_skip_factor,
+        daso.downcast,
+    ) == (4, 4, 0.05, 2, 8, 2, 4, "bfloat16")
 
 
 def write(tmp_path, text):
@@ -55,13 +62,24 @@ def test_unknown_section(tmp_path):
         load_config(write(tmp_path, "trainr:\n  epochs: 3\n"))
 
 
-@pytest.mark.parametrize("text, key, hint", [
-    ("strategy:\n  max_global_skips: 0\n", "strategy.max_global_skips", "greater than or equal to 1"),
-    ("strategy:\n  downcast: int8\n", "strategy.downcast", "'bfloat16', 'float16' or 'float32'"),
-    ("trainer:\n  epochs: many\n", "trainer.epochs", "valid integer"),
-    ("optim:\n  lr: -1\n", "optim.lr", "greater than 0"),
-    ("strategy:\n  name: gossip\n", "strategy.name", "['daso', 'ddp', 'hierarchical'"),
-])
+@pytest.mark.parametrize(
+    "text, key, hint",
+    [
+        (
+            "strategy:\n  max_global_skips: 0\n",
+            "strategy.max_global_skips",
+            "greater than or equal to 1",
+        ),
+        (
+            "strategy:\n  downcast: int8\n",
+            "strategy.downcast",
+            "'bfloat16', 'float16' or 'float32'",
+        ),
+        ("trainer:\n  epochs: many\n", "trainer.epochs", "valid integer"),
+        ("optim:\n  lr: -1\n", "optim.lr", "greater than 0"),
+        ("strategy:\n  name: gossip\n", "strategy.name", "['daso', 'ddp', 'hierarchical'"),
+    ],
+)
 def test_bad_value_names_key_and_allowed_values(tmp_path, text, key, hint):
     with pytest.raises(ConfigError) as err:
         load_config(write(tmp_path, text))
@@ -84,8 +102,10 @@ def test_missing_config_file(tmp_path):
 
 
 def test_overrides_are_typed_and_validated():
-    config = load_config(ROOT / "configs/mnist_cnn_daso.yaml",
-                         ["strategy.max_global_skips=4", "trainer.amp=true", "optim.milestones=[2, 3]"])
+    config = load_config(
+        ROOT / "configs/mnist_cnn_daso.yaml",
+        ["strategy.max_global_skips=4", "trainer.amp=true", "optim.milestones=[2, 3]"],
+    )
     assert config.strategy.max_global_skips == 4 and config.trainer.amp is True
     assert config.optim.milestones == [2, 3]
     with pytest.raises(ConfigError, match="strategy.max_global_skips"):
@@ -107,15 +127,18 @@ def test_daso_section_keys_are_the_strategy_arguments():
     from daso.strategies import DASOStrategy
 
     params = set(inspect.signature(DASOStrategy).parameters) | set(
-        inspect.signature(DASOSchedule).parameters)
+        inspect.signature(DASOSchedule).parameters
+    )
     params -= {"groups", "epochs", "timeout_seconds", "schedule_options"}
     assert params == set(DASOConfig.model_fields) - {"name"}
 
 
 def test_readme_config_reference_matches_schema():
     readme = (ROOT / "README.md").read_text()
-    section = re.search(r"<!-- config-reference:begin -->\n(.*?)\n<!-- config-reference:end -->",
-                        readme, re.S)
+    section = re.search(
+        r"<!-- config-reference:begin -->\n(.*?)\n<!-- config-reference:end -->", readme, re.S
+    )
     assert section, "README lacks the generated config reference"
     assert section.group(1).strip() == reference_table().strip(), (
-        "README config table is stale: regenerate it with `daso config-reference`")
+        "README config table is stale: regenerate it with `daso config-reference`"
+    )

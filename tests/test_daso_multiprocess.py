@@ -87,11 +87,22 @@ def test_nonblocking_sync_progresses_while_computing(tmp_path):
 def train_cli(tmp_path, config, n, layout, *overrides):
     out = tmp_path / "run"
     result = run_command(
-        [sys.executable,
-         "-m", "daso.cli", "train", "--config", str(ROOT / "configs" / config),
-         "--set", "trainer.progress=false", "--set", f"trainer.output_dir={out}",
-         *[arg for o in overrides for arg in ("--set", o)]],
-        n, layout, timeout=300,
+        [
+            sys.executable,
+            "-m",
+            "daso.cli",
+            "train",
+            "--config",
+            str(ROOT / "configs" / config),
+            "--set",
+            "trainer.progress=false",
+            "--set",
+            f"trainer.output_dir={out}",
+            *[arg for o in overrides for arg in ("--set", o)],
+        ],
+        n,
+        layout,
+        timeout=300,
     )
     assert result.returncode == 0, result.stdout + result.stderr
     return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
@@ -101,8 +112,15 @@ def train_cli(tmp_path, config, n, layout, *overrides):
 MNIST_ACCURACY_BOUND = 0.95
 
 
-@pytest.mark.parametrize("config", ["mnist_cnn_daso.yaml", "mnist_cnn_ddp.yaml",
-                                    "mnist_cnn_hierarchical.yaml", "mnist_cnn_local_sgd.yaml"])
+@pytest.mark.parametrize(
+    "config",
+    [
+        "mnist_cnn_daso.yaml",
+        "mnist_cnn_ddp.yaml",
+        "mnist_cnn_hierarchical.yaml",
+        "mnist_cnn_local_sgd.yaml",
+    ],
+)
 def test_trains_real_mnist_2_nodes_x_2_ranks(tmp_path, config):
     overrides = ["trainer.epochs=4"]
     if "daso" in config:
@@ -118,8 +136,15 @@ def test_trains_real_mnist_2_nodes_x_2_ranks(tmp_path, config):
 
 @pytest.mark.parametrize("n, layout", [(3, "2,1"), (2, "1"), (1, None)])
 def test_daso_trains_on_uneven_single_rank_and_single_process_layouts(tmp_path, n, layout):
-    rows = train_cli(tmp_path, "mnist_cnn_daso.yaml", n, layout, "trainer.epochs=2",
-                     "strategy.warmup_epochs=1", "strategy.cooldown_epochs=0",
-                     "data.train_subset=3000")
+    rows = train_cli(
+        tmp_path,
+        "mnist_cnn_daso.yaml",
+        n,
+        layout,
+        "trainer.epochs=2",
+        "strategy.warmup_epochs=1",
+        "strategy.cooldown_epochs=0",
+        "data.train_subset=3000",
+    )
     assert len(rows) == 2 and rows[-1]["val_accuracy"] > 0.85, rows
     assert (rows[0]["cross_node_bytes"] > 0) == (n > 1)

@@ -35,7 +35,16 @@ IMAGES_GZ = EMBEDDED_MNIST_DIR / "t10k-images-idx3-ubyte.gz"
 LABELS_GZ = EMBEDDED_MNIST_DIR / "t10k-labels-idx1-ubyte.gz"
 CIFAR_TARBALL = Path(__file__).resolve().parents[2] / "shared/data/cifar10-jpeg.tar.gz"
 CIFAR_CLASSES = [
-    "airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck",
+    "airplane",
+    "automobile",
+    "bird",
+    "cat",
+    "deer",
+    "dog",
+    "frog",
+    "horse",
+    "ship",
+    "truck",
 ]
 
 
@@ -184,7 +193,8 @@ def test_find_mnist_files_prefers_train_files_over_t10k(tmp_path):
         write_idx(tmp_path / f"{prefix}-labels-idx1-ubyte.gz", rng.integers(0, 10, n))
     images, labels = find_mnist_files(tmp_path)
     assert (images.name, labels.name) == (
-        "train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz"
+        "train-images-idx3-ubyte.gz",
+        "train-labels-idx1-ubyte.gz",
     )
     train, val = mnist_datasets(tmp_path, val_size=5)
     assert (len(train), len(val)) == (25, 5)

@@ -12,7 +12,9 @@ from mpi_harness import ROOT, run_command
 
 def example(tmp_path):
     readme = (ROOT / "README.md").read_text()
-    block = re.search(r"<!-- example:begin -->\n```python\n(.*?)```\n<!-- example:end -->", readme, re.S)
+    block = re.search(
+        r"<!-- example:begin -->\n```python\n(.*?)```\n<!-- example:end -->", readme, re.S
+    )
     assert block, "README lacks the wrap-your-own-model example"
     path = tmp_path / "example.py"
     path.write_text(block.group(1))

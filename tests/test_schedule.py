@@ -9,13 +9,39 @@ from daso.errors import ConfigError
 from daso.schedule import DASOSchedule, PlateauDetector, SyncParams
 
 # Losses fed after each of 20 epochs (defaults: warm-up 4, cool-down 4, patience 2, 5 %).
-LOSSES = [2.0, 1.5, 1.2, 1.0, 0.99, 0.98, 0.97, 0.5, 0.49, 0.49,
-          0.49, 0.49, 0.49, 0.49, 0.49, 0.49, 0.49, 0.49, 0.49, 0.49]
+LOSSES = [
+    2.0,
+    1.5,
+    1.2,
+    1.0,
+    0.99,
+    0.98,
+    0.97,
+    0.5,
+    0.49,
+    0.49,
+    0.49,
+    0.49,
+    0.49,
+    0.49,
+    0.49,
+    0.49,
+    0.49,
+    0.49,
+    0.49,
+    0.49,
+]
 # (global_skips, local_skips, batches_to_wait) of each epoch, worked out by hand from
 # DESIGN.md: blocking warm-up; cycling starts at (8/2, 1, 1); a plateau (3 stalled epochs)
 # halves the skips and lowers W; a plateau at S = 1 resets to (8, 8/4, 8/4); blocking cool-down.
-EXPECTED = [(0, 1, 0)] * 4 + [(4, 1, 1)] * 3 + [(2, 1, 1)] * 4 + [(1, 1, 1)] * 3 \
-    + [(8, 2, 2)] * 2 + [(0, 1, 0)] * 4
+EXPECTED = (
+    [(0, 1, 0)] * 4
+    + [(4, 1, 1)] * 3
+    + [(2, 1, 1)] * 4
+    + [(1, 1, 1)] * 3
+    + [(8, 2, 2)] * 2
+    + [(0, 1, 0)] * 4
+)
 
 
 def knobs(p: SyncParams) -> tuple[int, int, int]:
@@ -37,7 +63,13 @@ def test_default_schedule_exact_sequence():
 def test_phases_of_default_schedule():
     schedule = DASOSchedule(epochs=20)
     assert [schedule.phase(e) for e in (0, 3, 4, 15, 16, 19)] == [
-        "warmup", "warmup", "cycling", "cycling", "cooldown", "cooldown"]
+        "warmup",
+        "warmup",
+        "cycling",
+        "cycling",
+        "cooldown",
+        "cooldown",
+    ]
 
 
 def test_warmup_zero_starts_cycling_at_once_and_leaves_blocking_mode():
@@ -50,23 +82,37 @@ def test_warmup_zero_starts_cycling_at_once_and_leaves_blocking_mode():
 
 @pytest.mark.parametrize("max_skips, first", [(16, 8), (8, 4), (4, 2), (3, 1), (1, 1)])
 def test_max_global_skips_respected_from_first_cycling_epoch(max_skips, first):
-    schedule = DASOSchedule(epochs=10, warmup_epochs=1, cooldown_epochs=1,
-                            max_global_skips=max_skips)
+    schedule = DASOSchedule(
+        epochs=10, warmup_epochs=1, cooldown_epochs=1, max_global_skips=max_skips
+    )
     schedule.end_epoch(1.0)
     assert schedule.params.global_skips == first
 
 
 def test_reset_respects_max_global_skips_and_local_skip_factor():
-    schedule = DASOSchedule(epochs=30, warmup_epochs=0, cooldown_epochs=0, patience=0,
-                            stability_level=0.5, max_global_skips=16, local_skip_factor=2)
+    schedule = DASOSchedule(
+        epochs=30,
+        warmup_epochs=0,
+        cooldown_epochs=0,
+        patience=0,
+        stability_level=0.5,
+        max_global_skips=16,
+        local_skip_factor=2,
+    )
     seen = run(schedule, [1.0] * 6)
     # first loss improves on inf; then every epoch is a plateau
     assert seen == [(8, 1, 1), (8, 1, 1), (4, 1, 1), (2, 1, 1), (1, 1, 1), (16, 8, 8)]
 
 
 def test_batches_to_wait_never_exceeds_global_skips():
-    schedule = DASOSchedule(epochs=50, warmup_epochs=0, cooldown_epochs=0, patience=0,
-                            max_global_skips=8, local_skip_factor=1)
+    schedule = DASOSchedule(
+        epochs=50,
+        warmup_epochs=0,
+        cooldown_epochs=0,
+        patience=0,
+        max_global_skips=8,
+        local_skip_factor=1,
+    )
     for p in run(schedule, [1.0] * 40):
         assert 1 <= p[2] <= p[0]
 
@@ -86,7 +132,8 @@ def test_plateau_detector_agrees_with_reduce_lr_on_plateau():
     param = torch.nn.Parameter(torch.zeros(1))
     optimizer = torch.optim.SGD([param], lr=1.0)
     reference = torch.optim.lr_scheduler.ReduceLROnPlateau(
-        optimizer, mode="min", factor=0.5, patience=2, threshold=0.05, threshold_mode="rel")
+        optimizer, mode="min", factor=0.5, patience=2, threshold=0.05, threshold_mode="rel"
+    )
     detector = PlateauDetector(threshold=0.05, patience=2)
     for loss in losses:
         before = optimizer.param_groups[0]["lr"]
@@ -104,13 +151,18 @@ def test_send_and_local_sync_batches():
     assert blocking.blocking and not blocking.is_send_batch(0) and blocking.is_local_sync_batch(5)
 
 
-@pytest.mark.parametrize("kwargs, word", [
-    ({"warmup_epochs": 3, "cooldown_epochs": 3}, "exceeds epochs"),
-    ({"max_global_skips": 0}, "max_global_skips"),
-    ({"skip_reduction_factor": 1}, "skip_reduction_factor"),
-    ({"stability_level": 1.5}, "stability_level"),
-    ({"patience": -1}, "patience"),
-])
+@pytest.mark.parametrize(
+    "kwargs, word",
+    [
+        ({"warmup_epochs": 3, "cooldown_epochs": 3}, "exceeds epochs"),
+        ({"max_global_skips": 0}, "max_global_skips"),
+        ({"skip_reduction_factor": 1}, "skip_reduction_factor"),
+        ({"stability_level": 1.5}, "stability_level"),
+        ({"patience": -1}, "patience"),
+    ],
+)
 def test_bad_schedule_values_are_config_errors(kwargs, word):
     with pytest.raises(ConfigError, match=word):
-        DASOSchedule(epochs=10, **kwargs) if "warmup_epochs" not in kwargs else DASOSchedule(epochs=5, **kwargs)
+        DASOSchedule(epochs=10, **kwargs) if "warmup_epochs" not in kwargs else DASOSchedule(
+            epochs=5, **kwargs
+        )

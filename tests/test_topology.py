@@ -19,43 +19,83 @@ from daso.topology import (
 from mpi_harness import run_command
 
 
-@pytest.mark.parametrize("env, expected", [
-    ({"RANK": "5", "WORLD_SIZE": "8", "LOCAL_RANK": "1", "LOCAL_WORLD_SIZE": "4",
-      "GROUP_RANK": "1"}, ("torchrun", 5, 8, 1, 4, 1)),
-    ({"OMPI_COMM_WORLD_RANK": "3", "OMPI_COMM_WORLD_SIZE": "4",
-      "OMPI_COMM_WORLD_LOCAL_RANK": "1", "OMPI_COMM_WORLD_LOCAL_SIZE": "2"},
-     ("openmpi", 3, 4, 1, 2, None)),
-    ({"PMI_RANK": "2", "PMI_SIZE": "3", "MPI_LOCALRANKID": "0", "MPI_LOCALNRANKS": "1"},
-     ("mpich", 2, 3, 0, 1, None)),
-    ({"SLURM_PROCID": "6", "SLURM_NTASKS": "8", "SLURM_LOCALID": "2", "SLURM_NODEID": "1"},
-     ("slurm", 6, 8, 2, None, 1)),
-    ({}, ("none", 0, 1, 0, 1, None)),
-])
+@pytest.mark.parametrize(
+    "env, expected",
+    [
+        (
+            {
+                "RANK": "5",
+                "WORLD_SIZE": "8",
+                "LOCAL_RANK": "1",
+                "LOCAL_WORLD_SIZE": "4",
+                "GROUP_RANK": "1",
+            },
+            ("torchrun", 5, 8, 1, 4, 1),
+        ),
+        (
+            {
+                "OMPI_COMM_WORLD_RANK": "3",
+                "OMPI_COMM_WORLD_SIZE": "4",
+                "OMPI_COMM_WORLD_LOCAL_RANK": "1",
+                "OMPI_COMM_WORLD_LOCAL_SIZE": "2",
+            },
+            ("openmpi", 3, 4, 1, 2, None),
+        ),
+        (
+            {"PMI_RANK": "2", "PMI_SIZE": "3", "MPI_LOCALRANKID": "0", "MPI_LOCALNRANKS": "1"},
+            ("mpich", 2, 3, 0, 1, None),
+        ),
+        (
+            {"SLURM_PROCID": "6", "SLURM_NTASKS": "8", "SLURM_LOCALID": "2", "SLURM_NODEID": "1"},
+            ("slurm", 6, 8, 2, None, 1),
+        ),
+        ({}, ("none", 0, 1, 0, 1, None)),
+    ],
+)
 def test_launcher_variables_parse(env, expected):
     info = read_launcher_env(env)
-    assert (info.source, info.rank, info.world_size, info.local_rank, info.local_world_size,
-            info.node_id) == expected
+    assert (
+        info.source,
+        info.rank,
+        info.world_size,
+        info.local_rank,
+        info.local_world_size,
+        info.node_id,
+    ) == expected
 
 
 def test_launcher_errors_name_the_variables():
     with pytest.raises(TopologyError, match="PMI_RANK=.x."):
         read_launcher_env({"PMI_RANK": "x", "PMI_SIZE": "2"})
-    with pytest.raises(TopologyError, match=r"rank 4 is not in \[0, world size 4\).*SLURM_PROCID=4"):
+    with pytest.raises(
+        TopologyError, match=r"rank 4 is not in \[0, world size 4\).*SLURM_PROCID=4"
+    ):
         read_launcher_env({"SLURM_PROCID": "4", "SLURM_NTASKS": "4"})
 
 
-@pytest.mark.parametrize("spec, world, nodes", [
-    ("2", 4, [0, 0, 1, 1]), ("1", 2, [0, 1]), ("2,1", 3, [0, 0, 1]), ("1,3", 4, [0, 1, 1, 1]),
-    ("4", 4, [0, 0, 0, 0]),
-])
+@pytest.mark.parametrize(
+    "spec, world, nodes",
+    [
+        ("2", 4, [0, 0, 1, 1]),
+        ("1", 2, [0, 1]),
+        ("2,1", 3, [0, 0, 1]),
+        ("1,3", 4, [0, 1, 1, 1]),
+        ("4", 4, [0, 0, 0, 0]),
+    ],
+)
 def test_override_layouts(spec, world, nodes):
     assert layout_from_override(spec, world) == nodes
 
 
-@pytest.mark.parametrize("spec, world, words", [
-    ("3", 4, "does not divide 4 ranks"), ("2,1", 4, "holds 3 ranks but the job has 4"),
-    ("two", 4, "expected an integer"), ("0", 4, "at least one rank"),
-])
+@pytest.mark.parametrize(
+    "spec, world, words",
+    [
+        ("3", 4, "does not divide 4 ranks"),
+        ("2,1", 4, "holds 3 ranks but the job has 4"),
+        ("two", 4, "expected an integer"),
+        ("0", 4, "at least one rank"),
+    ],
+)
 def test_bad_override_is_a_clear_error(spec, world, words):
     with pytest.raises(TopologyError, match=words) as err:
         layout_from_override(spec, world)
@@ -80,12 +120,20 @@ def test_uneven_topology_groups():
 
 def test_non_contiguous_nodes_get_the_right_local_ranks():
     topo = Topology(rank=3, world_size=4, node_of_rank=(0, 1, 0, 1), hostname="h")
-    assert topo.node_ranks == [1, 3] and topo.local_rank == 1 and topo.cross_group_ranks(1) == [2, 3]
+    assert (
+        topo.node_ranks == [1, 3] and topo.local_rank == 1 and topo.cross_group_ranks(1) == [2, 3]
+    )
 
 
 def test_launcher_local_rank_disagreeing_with_layout_is_an_error():
-    info = LauncherInfo("openmpi", 1, 2, local_rank=1, local_world_size=2,
-                        variables=(("OMPI_COMM_WORLD_LOCAL_RANK", "1"),))
+    info = LauncherInfo(
+        "openmpi",
+        1,
+        2,
+        local_rank=1,
+        local_world_size=2,
+        variables=(("OMPI_COMM_WORLD_LOCAL_RANK", "1"),),
+    )
     with pytest.raises(TopologyError, match="OMPI_COMM_WORLD_LOCAL_RANK=1"):
         resolve_topology(info, ["host-a", "host-b"], None, "host-b")
     topo = resolve_topology(info, ["host-a", "host-a"], None, "host-a")

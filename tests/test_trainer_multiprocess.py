@@ -30,21 +30,47 @@ def test_rank0_weights_survive_wrapping_and_features_run(tmp_path):
     assert rank0["schedule"]["schedule"]["epoch"] == 3
     lines = (tmp_path / "trainer_features" / "metrics.jsonl").read_text().splitlines()
     rows = [json.loads(line) for line in lines]
-    required = {"epoch", "train_loss", "val_loss", "val_accuracy", "global_skips", "local_skips",
-                "batches_to_wait", "cross_node_bytes", "epoch_seconds", "strategy"}
+    required = {
+        "epoch",
+        "train_loss",
+        "val_loss",
+        "val_accuracy",
+        "global_skips",
+        "local_skips",
+        "batches_to_wait",
+        "cross_node_bytes",
+        "epoch_seconds",
+        "strategy",
+    }
     assert len(rows) == 3 and all(required <= set(row) for row in rows)
     assert all(0 <= row["val_accuracy"] <= 1 and row["strategy"] == "daso" for row in rows)
 
 
-@pytest.mark.parametrize("override, words", [
-    ("data.root=/nonexistent/mnist", "/nonexistent/mnist"),
-    ("strategy.max_global_skips=0", "strategy.max_global_skips"),
-])
+@pytest.mark.parametrize(
+    "override, words",
+    [
+        ("data.root=/nonexistent/mnist", "/nonexistent/mnist"),
+        ("strategy.max_global_skips=0", "strategy.max_global_skips"),
+    ],
+)
 def test_bad_input_fails_before_training_with_exit_code_2(tmp_path, override, words):
     result = run_command(
-        [sys.executable, "-m", "daso.cli", "train", "--config",
-         str(ROOT / "configs/mnist_cnn_daso.yaml"), "--set", override,
-         "--set", f"trainer.output_dir={tmp_path}"], 2, "1", timeout=120)
+        [
+            sys.executable,
+            "-m",
+            "daso.cli",
+            "train",
+            "--config",
+            str(ROOT / "configs/mnist_cnn_daso.yaml"),
+            "--set",
+            override,
+            "--set",
+            f"trainer.output_dir={tmp_path}",
+        ],
+        2,
+        "1",
+        timeout=120,
+    )
     assert result.returncode == 2, result.stderr
     assert words in result.stderr
     assert result.stderr.count("ERROR") == 1  # said once, by rank 0

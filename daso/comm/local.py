@@ -104,8 +104,6 @@ def allreduce_sum(values: Sequence[float], device: torch.device, group: Any = No
     return tensor.tolist()
 
 
-
-
 def broadcast_tensors(tensors: Sequence[torch.Tensor], src: int, group: Any = None) -> None:
     """Overwrite ``tensors`` on every rank of ``group`` with global rank ``src``'s values.
 

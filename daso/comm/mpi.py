@@ -43,7 +43,7 @@ def _sum_into(dtype: torch.dtype, inbuf: Any, inoutbuf: Any, datatype: Any) -> N
     torch.frombuffer(inoutbuf, dtype=dtype).add_(torch.frombuffer(inbuf, dtype=dtype))
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def mpi_sum(dtype: torch.dtype) -> tuple[Any, Any, bool]:
     """MPI datatype and sum op for a torch wire dtype.
 

@@ -278,12 +278,24 @@ def cifar10_datasets(
         source = resolve_imagefolder_root(path, cache_dir)
     with shared_tarball_scans():  # a tarball is read once for both splits
         train = ImageFolderDataset(
-            source, "train", cache_dir, CIFAR10_MEAN, CIFAR10_STD,
-            augment=augment, subset=train_subset, seed=seed,
+            source,
+            "train",
+            cache_dir,
+            CIFAR10_MEAN,
+            CIFAR10_STD,
+            augment=augment,
+            subset=train_subset,
+            seed=seed,
         )
         test = ImageFolderDataset(
-            source, "test", cache_dir, CIFAR10_MEAN, CIFAR10_STD,
-            augment=False, subset=val_subset, seed=seed,
+            source,
+            "test",
+            cache_dir,
+            CIFAR10_MEAN,
+            CIFAR10_STD,
+            augment=False,
+            subset=val_subset,
+            seed=seed,
         )
     if train.classes != test.classes:
         raise DataError(

@@ -10,6 +10,8 @@ local_sgd     node-local SGD, blocking cross-node model average every      Lin e
               ``period`` steps
 daso          node-local gradient averaging, non-blocking selective        Coquelin et al.
               cross-node parameter averaging at an adaptive rate           2022
+horovod       horovod.torch.DistributedOptimizer, allreduce every step     Sergeev & Del
+                                                                           Balso 2018
 ============  ===========================================================  ==================
 """
 
@@ -22,12 +24,13 @@ from daso.strategies.base import Strategy
 from daso.strategies.daso import DASOStrategy, merge_stale_sum
 from daso.strategies.ddp import DDPStrategy
 from daso.strategies.hierarchical import HierarchicalStrategy
+from daso.strategies.horovod import HorovodStrategy
 from daso.strategies.local_sgd import LocalSGDStrategy
 from daso.topology import ProcessGroups
 
 STRATEGIES: dict[str, type[Strategy]] = {
     cls.name: cls
-    for cls in (DDPStrategy, HierarchicalStrategy, LocalSGDStrategy, DASOStrategy)
+    for cls in (DDPStrategy, HierarchicalStrategy, LocalSGDStrategy, DASOStrategy, HorovodStrategy)
 }
 
 
@@ -49,6 +52,7 @@ __all__ = [
     "DASOStrategy",
     "DDPStrategy",
     "HierarchicalStrategy",
+    "HorovodStrategy",
     "LocalSGDStrategy",
     "Strategy",
     "build_strategy",

@@ -49,8 +49,12 @@ class CrossNodeAverager:
         self.cross: CrossNodeSum | None = None
         if groups.cross_comm is not None:
             self.cross = CrossNodeSum(
-                groups.cross_comm, self.state.numel, wire_dtype, groups.device,
-                timeout=timeout, poll_interval=poll_interval,
+                groups.cross_comm,
+                self.state.numel,
+                wire_dtype,
+                groups.device,
+                timeout=timeout,
+                poll_interval=poll_interval,
             )
         self.sender = 0
 

@@ -8,7 +8,8 @@ The trainer owns the loop; a strategy only answers a few calls, in this order pe
         with strategy.sync_context(batch):           # node-local gradient averaging on/off
             forward, backward
         strategy.after_backward(batch)               # gradient communication beyond DDP
-        optimizer.step()
+        with strategy.step_context():
+            strategy.optimizer.step()
         strategy.after_step(batch)                   # cross-node communication
     metrics = strategy.epoch_metrics()               # knobs and counters of the epoch
     strategy.end_epoch(epoch, global_mean_loss)      # controller input
@@ -75,7 +76,8 @@ class Strategy(abc.ABC):
         """Return the module to run forward/backward on (e.g. a DDP wrapper of ``model``).
 
         ``model`` is already on the device and identical on all ranks; it must not be
-        re-initialised.
+        re-initialised. Sets :attr:`optimizer`, the optimizer the trainer steps (``optimizer``
+        itself, or a wrapper of it).
         """
 
     def begin_epoch(self, epoch: int, num_batches: int) -> None:
@@ -89,6 +91,10 @@ class Strategy(abc.ABC):
     def after_backward(self, batch: int) -> None:
         """Called on every rank after ``backward()`` and before gradient clipping and
         ``optimizer.step()`` of ``batch``: the place for gradient communication."""
+
+    def step_context(self) -> contextlib.AbstractContextManager:
+        """Context around ``optimizer.step()`` (e.g. to skip a sync already done)."""
+        return contextlib.nullcontext()
 
     def after_step(self, batch: int) -> None:
         """Called on every rank after ``optimizer.step()`` of ``batch`` (0-based in its epoch)."""

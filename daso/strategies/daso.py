@@ -113,7 +113,10 @@ class DASOStrategy(Strategy):
             model, self.groups.node_group, self.topology.local_world_size, self.groups.device
         )
         self.averager = CrossNodeAverager(
-            self.groups, model_state_tensors(model), self.wire_dtype, self.timeout,
+            self.groups,
+            model_state_tensors(model),
+            self.wire_dtype,
+            self.timeout,
             self.poll_interval,
         )
         return self.model

@@ -78,7 +78,10 @@ class HierarchicalStrategy(Strategy):
         if self.groups.cross_comm is not None:
             start, stop = self.bounds[topo.local_rank]
             self.cross = CrossNodeSum(
-                self.groups.cross_comm, stop - start, self.wire_dtype, self.groups.device,
+                self.groups.cross_comm,
+                stop - start,
+                self.wire_dtype,
+                self.groups.device,
                 timeout=self.timeout,
             )
         return self.model
@@ -107,8 +110,12 @@ class HierarchicalStrategy(Strategy):
 
     def epoch_metrics(self) -> dict[str, float]:
         totals = (self.cross.bytes_sent, self.cross.wait_seconds) if self.cross else (0, 0.0)
-        return {"global_skips": 0, "local_skips": 1, "batches_to_wait": 0,
-                **self.counters.since_last(*totals)}
+        return {
+            "global_skips": 0,
+            "local_skips": 1,
+            "batches_to_wait": 0,
+            **self.counters.since_last(*totals),
+        }
 
     def end_epoch(self, epoch: int, loss: float) -> None:
         # parameters agree everywhere; BatchNorm statistics were only synced inside nodes

@@ -80,8 +80,12 @@ class LocalSGDStrategy(Strategy):
             self.averager.average(by_ranks=True, tag=f"local SGD average, step {self.step}")
 
     def epoch_metrics(self) -> dict[str, float]:
-        return {"global_skips": self.period, "local_skips": 1, "batches_to_wait": 0,
-                **self.counters.since_last(*self.averager.counters())}
+        return {
+            "global_skips": self.period,
+            "local_skips": 1,
+            "batches_to_wait": 0,
+            **self.counters.since_last(*self.averager.counters()),
+        }
 
     def state_dict(self) -> dict[str, Any]:
         return {"step": self.step, "sender": self.averager.sender}
