@@ -10,6 +10,7 @@ import argparse
 import logging
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 from daso.errors import DasoError
@@ -144,6 +145,38 @@ def cmd_info(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_emulate(args: argparse.Namespace) -> int:
+    """Run a command on an emulated cluster of network namespaces; report the link's bytes."""
+    import json
+
+    from daso.emulate import EmulatedCluster
+
+    layout = [int(n) for n in args.layout.split(",")] if args.layout else (
+        [args.ranks_per_node] * args.nodes)
+    command = list(args.command)
+    if command and command[0] == "--":
+        command = command[1:]
+    if not command:
+        raise SystemExit("daso emulate: give the command to run after --, e.g. -- info")
+    if command[0] in ("train", "info"):
+        command = [sys.executable, "-m", "daso.cli", *command]
+    with EmulatedCluster(layout, args.rate, prefix=args.prefix) as cluster:
+        before = cluster.link_bytes()
+        result = cluster.run(command, timeout=args.timeout, capture=False)
+        after = cluster.link_bytes()
+    report = {
+        "nodes": len(layout), "ranks_per_node": layout, "rate": args.rate,
+        "hostnames": [cluster.hostname(n) for n in range(len(layout))],
+        "tx_bytes": [a - b for a, b in zip(after["tx"], before["tx"])],
+        "rx_bytes": [a - b for a, b in zip(after["rx"], before["rx"])],
+        "returncode": result.returncode,
+    }
+    log.info("cross-node link: %s", json.dumps(report))
+    if args.counters:
+        Path(args.counters).write_text(json.dumps(report) + "\n")
+    return result.returncode
+
+
 def cmd_config_reference(args: argparse.Namespace) -> int:
     """Print every config key as a Markdown table."""
     from daso.config import reference_table
@@ -169,6 +202,21 @@ def make_parser() -> argparse.ArgumentParser:
     info = sub.add_parser("info", help="print the detected topology of every rank")
     info.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     info.set_defaults(func=cmd_info)
+    emulate = sub.add_parser(
+        "emulate", help="run a command on N emulated nodes (network namespaces, rate-limited)"
+    )
+    emulate.add_argument("--nodes", type=int, default=2, help="number of nodes")
+    emulate.add_argument("--ranks-per-node", type=int, default=2, help="ranks on every node")
+    emulate.add_argument("--layout", help="ranks per node as a list, e.g. 2,1 (overrides both)")
+    emulate.add_argument("--rate", default="unlimited",
+                         help="each node's egress rate: unlimited, or e.g. 1gbit, 200mbit")
+    emulate.add_argument("--timeout", type=float, default=None, help="seconds before killing")
+    emulate.add_argument("--counters", help="write the link's byte counters (JSON) here")
+    emulate.add_argument("--prefix", help="name prefix of namespaces and links (default unique)")
+    emulate.add_argument("command", nargs=argparse.REMAINDER,
+                         help="after --: the command for every rank ('train ...'/'info ...' "
+                              "run daso's own)")
+    emulate.set_defaults(func=cmd_emulate)
     ref = sub.add_parser("config-reference", help="print all config keys as Markdown")
     ref.set_defaults(func=cmd_config_reference)
     return parser
@@ -186,6 +234,7 @@ def _abort_world(code: int) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``daso`` console script; returns the exit code."""
     args = make_parser().parse_args(argv)
+    from daso.emulate import EmulationUnavailable
     from daso.errors import ConfigError, DataError, TopologyError
     from daso.log import configure_logging
 
@@ -193,7 +242,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     configure_logging(rank)
     try:
         return args.func(args)
-    except (ConfigError, DataError, TopologyError) as err:
+    except (ConfigError, DataError, TopologyError, EmulationUnavailable) as err:
         # Every rank reads the same input and fails the same way: rank 0 says it once.
         if rank == 0:
             log.error("%s", err)
