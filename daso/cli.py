@@ -124,7 +124,7 @@ def cmd_info(args: argparse.Namespace) -> int:
     """Print the detected topology of every rank (rank 0 prints all)."""
     from mpi4py import MPI
 
-    from daso.topology import init_distributed
+    from daso.topology import init_distributed, shutdown_distributed
 
     groups = init_distributed(args.device)
     topo = groups.topology
@@ -142,6 +142,7 @@ def cmd_info(args: argparse.Namespace) -> int:
             print(f"  cross-node group C_{i}: ranks {topo.cross_group_ranks(i)}")
         for entry in lines:
             print(f"  {entry}")
+    shutdown_distributed()
     return EXIT_OK
 
 
@@ -151,8 +152,11 @@ def cmd_emulate(args: argparse.Namespace) -> int:
 
     from daso.emulate import EmulatedCluster
 
-    layout = [int(n) for n in args.layout.split(",")] if args.layout else (
-        [args.ranks_per_node] * args.nodes)
+    layout = (
+        [int(n) for n in args.layout.split(",")]
+        if args.layout
+        else ([args.ranks_per_node] * args.nodes)
+    )
     command = list(args.command)
     if command and command[0] == "--":
         command = command[1:]
@@ -165,7 +169,9 @@ def cmd_emulate(args: argparse.Namespace) -> int:
         result = cluster.run(command, timeout=args.timeout, capture=False)
         after = cluster.link_bytes()
     report = {
-        "nodes": len(layout), "ranks_per_node": layout, "rate": args.rate,
+        "nodes": len(layout),
+        "ranks_per_node": layout,
+        "rate": args.rate,
         "hostnames": [cluster.hostname(n) for n in range(len(layout))],
         "tx_bytes": [a - b for a, b in zip(after["tx"], before["tx"])],
         "rx_bytes": [a - b for a, b in zip(after["rx"], before["rx"])],
@@ -208,14 +214,19 @@ def make_parser() -> argparse.ArgumentParser:
     emulate.add_argument("--nodes", type=int, default=2, help="number of nodes")
     emulate.add_argument("--ranks-per-node", type=int, default=2, help="ranks on every node")
     emulate.add_argument("--layout", help="ranks per node as a list, e.g. 2,1 (overrides both)")
-    emulate.add_argument("--rate", default="unlimited",
-                         help="each node's egress rate: unlimited, or e.g. 1gbit, 200mbit")
+    emulate.add_argument(
+        "--rate",
+        default="unlimited",
+        help="each node's egress rate: unlimited, or e.g. 1gbit, 200mbit",
+    )
     emulate.add_argument("--timeout", type=float, default=None, help="seconds before killing")
     emulate.add_argument("--counters", help="write the link's byte counters (JSON) here")
     emulate.add_argument("--prefix", help="name prefix of namespaces and links (default unique)")
-    emulate.add_argument("command", nargs=argparse.REMAINDER,
-                         help="after --: the command for every rank ('train ...'/'info ...' "
-                              "run daso's own)")
+    emulate.add_argument(
+        "command",
+        nargs=argparse.REMAINDER,
+        help="after --: the command for every rank ('train ...'/'info ...' run daso's own)",
+    )
     emulate.set_defaults(func=cmd_emulate)
     ref = sub.add_parser("config-reference", help="print all config keys as Markdown")
     ref.set_defaults(func=cmd_config_reference)

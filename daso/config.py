@@ -120,6 +120,12 @@ class HorovodConfig(Section):
     )
 
 
+class NoCommConfig(Section):
+    name: Literal["no_comm"] = Field(
+        "no_comm", description="No communication (benchmark bound; ranks diverge)."
+    )
+
+
 class DASOConfig(Section):
     name: Literal["daso"] = Field("daso", description="DASO (Coquelin et al. 2022).")
     warmup_epochs: int = Field(4, ge=0, description="Blocking epochs at the start.")
@@ -145,7 +151,7 @@ class DASOConfig(Section):
 
 
 StrategyConfig = Annotated[
-    DASOConfig | DDPConfig | HierarchicalConfig | LocalSGDConfig | HorovodConfig,
+    DASOConfig | DDPConfig | HierarchicalConfig | LocalSGDConfig | HorovodConfig | NoCommConfig,
     Field(discriminator="name"),
 ]
 STRATEGY_SECTIONS: dict[str, type[Section]] = {

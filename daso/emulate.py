@@ -62,7 +62,7 @@ def rate_bits_per_second(rate: str) -> float | None:
 
 
 def check_available() -> None:
-    """Raise :class:`EmulationUnavailable` unless running as root with ``ip``, ``tc``, ``unshare``."""
+    """Raise :class:`EmulationUnavailable` unless root with ``ip``, ``tc`` and ``unshare``."""
     missing = [tool for tool in ("ip", "tc", "unshare") if shutil.which(tool) is None]
     if os.geteuid() != 0 or missing:
         why = "it must run as root" if os.geteuid() != 0 else f"{', '.join(missing)} not found"
@@ -97,8 +97,9 @@ class EmulatedCluster:
         ValueError: a malformed rate or an empty node.
     """
 
-    def __init__(self, ranks_per_node: Sequence[int], rate: str = "unlimited",
-                 prefix: str | None = None) -> None:
+    def __init__(
+        self, ranks_per_node: Sequence[int], rate: str = "unlimited", prefix: str | None = None
+    ) -> None:
         if not ranks_per_node or any(n < 1 for n in ranks_per_node):
             raise ValueError(f"every node needs at least one rank, got {list(ranks_per_node)}")
         self.ranks_per_node = list(ranks_per_node)
@@ -149,8 +150,7 @@ class EmulatedCluster:
         for node in range(len(self.ranks_per_node)):
             ns, outside = self.namespace(node), f"{self.prefix}v{node}"
             _run("ip", "netns", "add", ns)
-            _run("ip", "link", "add", outside, "type", "veth", "peer", "name", "eth0",
-                 "netns", ns)
+            _run("ip", "link", "add", outside, "type", "veth", "peer", "name", "eth0", "netns", ns)
             _run("ip", "link", "set", outside, "master", self.bridge, "up")
             _run("ip", "-n", ns, "addr", "add", f"{self.address(node)}/24", "dev", "eth0")
             _run("ip", "-n", ns, "link", "set", "lo", "up")
@@ -158,8 +158,23 @@ class EmulatedCluster:
             if self.rate_bps is not None:
                 # burst: 10 ms of traffic, at least 64 KiB, so the rate is reachable at any HZ
                 burst = max(65536, int(self.rate_bps / 8 / 100))
-                _run("tc", "-n", ns, "qdisc", "add", "dev", "eth0", "root", "tbf",
-                     "rate", self.rate, "burst", str(burst), "latency", "100ms")
+                _run(
+                    "tc",
+                    "-n",
+                    ns,
+                    "qdisc",
+                    "add",
+                    "dev",
+                    "eth0",
+                    "root",
+                    "tbf",
+                    "rate",
+                    self.rate,
+                    "burst",
+                    str(burst),
+                    "latency",
+                    "100ms",
+                )
 
     def teardown(self) -> None:
         """Kill what runs in the namespaces, delete them and the bridge. Idempotent."""
@@ -200,23 +215,45 @@ class EmulatedCluster:
         for name, value in env.items():
             command += ["-genv", name, value]
         for node, ranks in enumerate(self.ranks_per_node):
-            script = (f"hostname {self.hostname(node)} && "
-                      'unset MPI_LOCALRANKID MPI_LOCALNRANKS DASO_RANKS_PER_NODE && exec "$@"')
+            script = (
+                f"hostname {self.hostname(node)} && "
+                'unset MPI_LOCALRANKID MPI_LOCALNRANKS DASO_RANKS_PER_NODE && exec "$@"'
+            )
             if node:
                 command.append(":")
-            command += ["-n", str(ranks), "ip", "netns", "exec", self.namespace(node),
-                        "unshare", "--uts", "sh", "-c", script, "sh", *argv]
+            command += [
+                "-n",
+                str(ranks),
+                "ip",
+                "netns",
+                "exec",
+                self.namespace(node),
+                "unshare",
+                "--uts",
+                "sh",
+                "-c",
+                script,
+                "sh",
+                *argv,
+            ]
         return command
 
-    def run(self, argv: Sequence[str], timeout: float | None = None,
-            capture: bool = True) -> subprocess.CompletedProcess:
+    def run(
+        self, argv: Sequence[str], timeout: float | None = None, capture: bool = True
+    ) -> subprocess.CompletedProcess:
         """Run ``argv`` on every rank; wait (killing every rank on timeout or interrupt)."""
         if not self._up:
             raise RuntimeError("the cluster is not set up: use it as a context manager")
         env = {k: v for k, v in os.environ.items() if k != "DASO_RANKS_PER_NODE"}
         pipe = subprocess.PIPE if capture else None
-        proc = subprocess.Popen(self.mpiexec_command(argv), env=env, stdout=pipe, stderr=pipe,
-                                text=True, start_new_session=True)
+        proc = subprocess.Popen(
+            self.mpiexec_command(argv),
+            env=env,
+            stdout=pipe,
+            stderr=pipe,
+            text=True,
+            start_new_session=True,
+        )
         try:
             out, err = proc.communicate(timeout=timeout)
         except BaseException:

@@ -381,24 +381,44 @@ class ProcessGroups:
     device: Any
 
 
-def _rendezvous_address(topo: Topology, env: Mapping[str, str], comm: Any) -> str:
-    """``tcp://host:port`` for torch.distributed: from MASTER_ADDR/PORT, else chosen by rank 0."""
+def _rendezvous_store(
+    topo: Topology, env: Mapping[str, str], comm: Any, timeout: datetime.timedelta
+) -> Any:
+    """The ``torch.distributed`` key-value store every rank meets at.
+
+    From ``MASTER_ADDR``/``MASTER_PORT`` when both are set (torchrun); otherwise rank 0 opens
+    the store on a port the kernel picks (no race for a free port) and tells the others the
+    address over MPI.
+
+    Raises:
+        TopologyError: neither the variables nor an MPI world to share the address.
+    """
+    from torch.distributed import TCPStore
+
     if "MASTER_ADDR" in env and "MASTER_PORT" in env:
-        return f"tcp://{env['MASTER_ADDR']}:{env['MASTER_PORT']}"
+        host, port = env["MASTER_ADDR"], int(env["MASTER_PORT"])
+        return TCPStore(
+            host, port, topo.world_size, topo.rank == 0, timeout, wait_for_workers=False
+        )
     if topo.world_size > 1 and comm.Get_size() != topo.world_size:
         raise TopologyError(
             "no rendezvous address: MASTER_ADDR and MASTER_PORT are not set and MPI cannot "
             "share one; set both (torchrun does) or launch with mpiexec/srun"
         )
-    address = None
+    store = None
     if topo.rank == 0:
         host = env.get("MASTER_ADDR")
         if host is None:
             host = "127.0.0.1" if topo.num_nodes == 1 else socket.gethostbyname(topo.hostname)
-        with socket.socket() as s:
-            s.bind(("", 0))
-            address = f"tcp://{host}:{s.getsockname()[1]}"
-    return comm.bcast(address, root=0) if topo.world_size > 1 else address
+        store = TCPStore(host, 0, topo.world_size, True, timeout, wait_for_workers=False)
+        address = (host, store.port)
+    else:
+        address = None
+    if topo.world_size > 1:
+        address = comm.bcast(address, root=0)
+    if store is None:
+        store = TCPStore(address[0], address[1], topo.world_size, False, timeout)
+    return store
 
 
 def init_distributed(
@@ -448,12 +468,13 @@ def init_distributed(
         torch_device = torch.device("cpu")
         backend = "gloo"
     if not dist.is_initialized():
+        timeout = datetime.timedelta(seconds=timeout_seconds)
         dist.init_process_group(
             backend,
-            init_method=_rendezvous_address(topo, env, comm),
+            store=_rendezvous_store(topo, env, comm, timeout),
             rank=topo.rank,
             world_size=topo.world_size,
-            timeout=datetime.timedelta(seconds=timeout_seconds),
+            timeout=timeout,
         )
     groups = [topo.ranks_on_node(n) for n in range(topo.num_nodes)]
     node_group, _ = dist.new_subgroups_by_enumeration(groups, backend=backend)
@@ -465,3 +486,16 @@ def init_distributed(
         cross_comm = split if in_cross else None
     log.debug("%s backend=%s", topo.describe(), backend)
     return ProcessGroups(topo, backend, dist.group.WORLD, node_group, cross_comm, torch_device)
+
+
+def shutdown_distributed() -> None:
+    """Leave ``torch.distributed`` cleanly: wait for every rank, then destroy the groups.
+
+    The barrier keeps rank 0, which hosts the rendezvous store, alive until every other rank
+    is done with it; without it a rank may exit while a peer still talks to its store.
+    """
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()

@@ -35,7 +35,7 @@ from tqdm import tqdm
 from daso.comm import allreduce_sum, broadcast_tensors, model_state_tensors, unwrap
 from daso.log import configure_logging
 from daso.strategies import build_strategy
-from daso.topology import ProcessGroups, init_distributed
+from daso.topology import ProcessGroups, init_distributed, shutdown_distributed
 
 if TYPE_CHECKING:  # the config layer sits above the trainer; only its type is needed here
     from daso.config import Config
@@ -102,6 +102,7 @@ class Trainer:
         tcfg = config.trainer
         if tcfg.num_threads:
             torch.set_num_threads(tcfg.num_threads)
+        self.owns_groups = groups is None
         self.groups = groups or init_distributed(tcfg.device, tcfg.timeout_seconds)
         self.topology = self.groups.topology
         self.rank = self.topology.rank
@@ -337,8 +338,11 @@ class Trainer:
         self.strategy.load_state_dict(state["strategy"])
 
     def close(self) -> None:
-        """Stop the strategy's communication threads."""
+        """Stop the strategy's communication threads; leave ``torch.distributed`` if the
+        trainer joined it (that is, no ``groups`` were passed in)."""
         self.strategy.close()
+        if self.owns_groups:
+            shutdown_distributed()
 
 
 #: Alias kept for readers of the DASO paper and Heat's ``DASO`` class.

@@ -19,7 +19,7 @@ from daso.comm import CrossNodeSum, FlatBuffer, model_state_tensors, optimizer_s
 from daso.config import load_config
 from daso.schedule import SyncParams
 from daso.strategies import DASOStrategy
-from daso.topology import ProcessGroups, init_distributed
+from daso.topology import ProcessGroups, init_distributed, shutdown_distributed
 
 
 def tiny_model() -> torch.nn.Module:
@@ -48,8 +48,9 @@ def topology_info(groups: ProcessGroups) -> dict[str, Any]:
 
 
 def scenario_merge(groups: ProcessGroups, params: dict[str, Any]) -> dict[str, Any]:
-    """One send and merge (or blocking average for W = 0) with known per-rank values."""
-    rank = groups.topology.rank
+    """One send and merge (or blocking average for W = 0) with known per-node values (the
+    ranks of a node agree, as node-local gradient averaging keeps them)."""
+    node = groups.topology.node_rank
     cases = []
     for downcast in ("float32", "bfloat16"):
         for w in (0, 1, 2):
@@ -66,7 +67,7 @@ def scenario_merge(groups: ProcessGroups, params: dict[str, Any]) -> dict[str, A
                 state.unpack(values)
                 return values.clone()
 
-            sent = fill(100 * (w + 1) + rank)
+            sent = fill(100 * (w + 1) + node)
             strategy.begin_epoch(0, 10)
             if w == 0:
                 strategy.schedule.params = SyncParams(0, 1, 0, "warmup")
@@ -75,7 +76,7 @@ def scenario_merge(groups: ProcessGroups, params: dict[str, Any]) -> dict[str, A
             else:
                 strategy.schedule.params = SyncParams(4, 1, w, "cycling")
                 strategy.after_step(0)
-                local = fill(1000 * (w + 1) + rank)
+                local = fill(1000 * (w + 1) + node)
                 for batch in range(1, w + 1):
                     strategy.after_step(batch)
             assert strategy.pending is None
@@ -299,6 +300,7 @@ def main() -> None:
     groups = init_distributed("cpu", timeout_seconds=120)
     result = SCENARIOS[name](groups, params)
     torch.save(result, out / f"rank{groups.topology.rank}.pt")
+    shutdown_distributed()
 
 
 if __name__ == "__main__":

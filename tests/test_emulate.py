@@ -14,6 +14,7 @@ import time
 import pytest
 
 from daso.emulate import EmulationUnavailable, check_available, leftovers, rate_bits_per_second
+
 from mpi_harness import ROOT
 
 CAN_EMULATE = os.geteuid() == 0 and all(shutil.which(t) for t in ("ip", "tc", "unshare"))
@@ -21,8 +22,10 @@ needs_root = pytest.mark.skipif(not CAN_EMULATE, reason="needs root and iproute2
 DASO = [sys.executable, "-m", "daso.cli"]
 
 
-@pytest.mark.parametrize("rate, bps", [("unlimited", None), ("200mbit", 2e8), ("1gbit", 1e9),
-                                       ("50mbit", 5e7), ("1.5kbit", 1500.0)])
+@pytest.mark.parametrize(
+    "rate, bps",
+    [("unlimited", None), ("200mbit", 2e8), ("1gbit", 1e9), ("50mbit", 5e7), ("1.5kbit", 1500.0)],
+)
 def test_rate_parsing(rate, bps):
     assert rate_bits_per_second(rate) == bps
 
@@ -39,14 +42,20 @@ def test_without_root_it_says_so_and_offers_the_override_mode(monkeypatch):
 
 
 def emulate(prefix, *args, timeout=300):
-    return subprocess.run([*DASO, "emulate", "--prefix", prefix, *args], cwd=ROOT,
-                          capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(
+        [*DASO, "emulate", "--prefix", prefix, *args],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
 
 
 @needs_root
 def test_info_finds_nodes_from_hostnames_and_tears_down():
-    result = emulate("dasotinfo", "--nodes", "2", "--ranks-per-node", "2", "--rate", "1gbit",
-                     "--", "info")
+    result = emulate(
+        "dasotinfo", "--nodes", "2", "--ranks-per-node", "2", "--rate", "1gbit", "--", "info"
+    )
     assert result.returncode == 0, result.stderr
     assert "2 node(s), ranks per node [2, 2], world size 4" in result.stdout
     for rank, node in ((0, 0), (1, 0), (2, 1), (3, 1)):
@@ -59,11 +68,30 @@ def test_info_finds_nodes_from_hostnames_and_tears_down():
 def test_daso_training_link_counters_match_reported_bytes(tmp_path):
     counters = tmp_path / "link.json"
     result = emulate(
-        "dasottrain", "--nodes", "2", "--ranks-per-node", "2", "--rate", "200mbit",
-        "--counters", str(counters), "--", "train", "--config",
-        str(ROOT / "configs/mnist_cnn_daso.yaml"), "--set", "trainer.epochs=2",
-        "--set", "strategy.warmup_epochs=1", "--set", "strategy.cooldown_epochs=0",
-        "--set", "trainer.progress=false", "--set", f"trainer.output_dir={tmp_path}")
+        "dasottrain",
+        "--nodes",
+        "2",
+        "--ranks-per-node",
+        "2",
+        "--rate",
+        "200mbit",
+        "--counters",
+        str(counters),
+        "--",
+        "train",
+        "--config",
+        str(ROOT / "configs/mnist_cnn_daso.yaml"),
+        "--set",
+        "trainer.epochs=2",
+        "--set",
+        "strategy.warmup_epochs=1",
+        "--set",
+        "strategy.cooldown_epochs=0",
+        "--set",
+        "trainer.progress=false",
+        "--set",
+        f"trainer.output_dir={tmp_path}",
+    )
     assert result.returncode == 0, result.stderr
     link = json.loads(counters.read_text())
     assert link["hostnames"] == ["dasottrain-node0", "dasottrain-node1"]
@@ -83,12 +111,29 @@ def test_daso_training_link_counters_match_reported_bytes(tmp_path):
 
 @needs_root
 def test_teardown_on_ctrl_c():
-    proc = subprocess.Popen([*DASO, "emulate", "--prefix", "dasotint", "--nodes", "2",
-                             "--ranks-per-node", "1", "--", "sleep", "60"], cwd=ROOT,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [
+            *DASO,
+            "emulate",
+            "--prefix",
+            "dasotint",
+            "--nodes",
+            "2",
+            "--ranks-per-node",
+            "1",
+            "--",
+            "sleep",
+            "60",
+        ],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     deadline = time.time() + 30
     while time.time() < deadline and not any(
-            n.startswith("dasotint") for n in leftovers("dasotint")):
+        n.startswith("dasotint") for n in leftovers("dasotint")
+    ):
         time.sleep(0.2)
     time.sleep(2)  # let mpiexec start the ranks inside the namespaces
     assert leftovers("dasotint"), "the cluster never came up"

@@ -1,6 +1,6 @@
 """Collectives: node-local (torch.distributed, DDP) and cross-node (MPI) communication."""
 
-from daso.comm.flat import FlatBuffer, model_state_tensors, optimizer_state_tensors
+from daso.comm.flat import FlatBuffer, model_state_tensors, optimizer_state_tensors, shard_bounds
 from daso.comm.local import (
     ByteCounter,
     allreduce_sum,
@@ -26,6 +26,7 @@ __all__ = [
     "mpi_sum",
     "no_sync",
     "optimizer_state_tensors",
+    "shard_bounds",
     "unwrap",
     "wrap_data_parallel",
 ]

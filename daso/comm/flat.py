@@ -46,6 +46,12 @@ def optimizer_state_tensors(optimizer: torch.optim.Optimizer) -> list[torch.Tens
     return tensors
 
 
+def shard_bounds(numel: int, shards: int) -> list[tuple[int, int]]:
+    """``[start, stop)`` of ``shards`` contiguous, near-equal pieces of ``range(numel)``."""
+    edges = [round(i * numel / shards) for i in range(shards + 1)]
+    return list(zip(edges[:-1], edges[1:]))
+
+
 class FlatBuffer:
     """A preallocated vector holding copies of ``tensors`` back to back.
 

@@ -12,6 +12,7 @@ daso          node-local gradient averaging, non-blocking selective        Coque
               cross-node parameter averaging at an adaptive rate           2022
 horovod       horovod.torch.DistributedOptimizer, allreduce every step     Sergeev & Del
                                                                            Balso 2018
+no_comm       no communication: the benchmark's physical bound             -
 ============  ===========================================================  ==================
 """
 
@@ -26,11 +27,19 @@ from daso.strategies.ddp import DDPStrategy
 from daso.strategies.hierarchical import HierarchicalStrategy
 from daso.strategies.horovod import HorovodStrategy
 from daso.strategies.local_sgd import LocalSGDStrategy
+from daso.strategies.no_comm import NoCommStrategy
 from daso.topology import ProcessGroups
 
 STRATEGIES: dict[str, type[Strategy]] = {
     cls.name: cls
-    for cls in (DDPStrategy, HierarchicalStrategy, LocalSGDStrategy, DASOStrategy, HorovodStrategy)
+    for cls in (
+        DDPStrategy,
+        HierarchicalStrategy,
+        LocalSGDStrategy,
+        DASOStrategy,
+        HorovodStrategy,
+        NoCommStrategy,
+    )
 }
 
 
@@ -54,6 +63,7 @@ __all__ = [
     "HierarchicalStrategy",
     "HorovodStrategy",
     "LocalSGDStrategy",
+    "NoCommStrategy",
     "Strategy",
     "build_strategy",
     "merge_stale_sum",

@@ -1,10 +1,11 @@
 """Cross-node averaging of a model's state, shared by the strategies that average parameters.
 
-One rank per node (local rank ``k`` of every node, the cross-node group ``C_k``) sums the
-flattened state over the nodes through MPI; then it broadcasts the result inside its node.
-``k`` rotates from one sync to the next so every rank of a node takes turns on the cross-node
-link (DASO paper, section 3.2). Ranks whose local rank has no cross-node group (uneven nodes)
-only receive the node broadcast.
+Non-blocking syncs (DASO's sends): one rank per node (local rank ``k`` of every node, the
+cross-node group ``C_k``) sums the flattened state over the nodes through MPI, then broadcasts
+the result inside its node; ``k`` rotates from one sync to the next so every rank of a node
+takes turns on the cross-node link (DASO paper, section 3.2). Blocking averages use every
+cross-node group at once, each for one shard. Ranks whose local rank has no cross-node group
+(uneven nodes) only receive the node broadcasts.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from typing import Any
 
 import torch
 
-from daso.comm import CrossNodeSum, FlatBuffer, broadcast
+from daso.comm import CrossNodeSum, FlatBuffer, broadcast, shard_bounds
 from daso.topology import ProcessGroups
 
 
@@ -80,6 +81,12 @@ class CrossNodeAverager:
     ) -> None:
         """Blocking average of ``buffer`` (default :attr:`state`) over all nodes.
 
+        The buffer is cut into ``K = min_n L_n`` shards and local rank ``i < K`` averages
+        shard ``i`` over its cross-node group ``C_i``, so all of a node's ranks use the link at
+        once, each for ``1/K`` of the bytes; each owner then broadcasts its shard in the node.
+        The node's ranks must hold the same values (they do after node-local gradient
+        averaging from a common start).
+
         Args:
             buffer: the state to average; must fit the communication buffers
                 (see :meth:`reserve`).
@@ -89,15 +96,19 @@ class CrossNodeAverager:
         """
         buffer = buffer or self.state
         topo = self.topology
-        sender = self.next_sender()
-        if self.is_sender(sender):
-            flat = buffer.pack()
-            if self.cross is not None:
-                if by_ranks:
-                    flat.mul_(topo.local_world_size)
-                flat.copy_(self.cross.allreduce(flat, tag=tag))
-                flat.div_(topo.world_size if by_ranks else topo.num_nodes)
-        self.broadcast_from(sender, buffer)
+        flat = buffer.pack()
+        bounds = shard_bounds(buffer.numel, topo.num_cross_groups)
+        if self.cross is not None:
+            start, stop = bounds[topo.local_rank]
+            shard = flat[start:stop]
+            if by_ranks:
+                shard.mul_(topo.local_world_size)
+            shard.copy_(self.cross.allreduce(shard, tag=tag))
+            shard.div_(topo.world_size if by_ranks else topo.num_nodes)
+        for owner, (start, stop) in enumerate(bounds):
+            src = topo.global_rank(topo.node_rank, owner)
+            broadcast(flat[start:stop], src, self.groups.node_group)
+        buffer.unpack()
 
     def reserve(self, numel: int) -> None:
         """Make room for buffers of ``numel`` elements on the cross-node wire."""

@@ -123,7 +123,9 @@ class DASOStrategy(Strategy):
 
     # -- per batch -----------------------------------------------------------------------------
     def sync_context(self, batch: int) -> contextlib.AbstractContextManager:
-        if self.schedule.params.is_local_sync_batch(batch):
+        # the last batch syncs in the node too, so the epoch-closing average sees one model
+        last = batch == self.num_batches - 1
+        if last or self.schedule.params.is_local_sync_batch(batch):
             return contextlib.nullcontext()
         return no_sync(self.model)
 

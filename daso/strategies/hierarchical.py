@@ -25,16 +25,11 @@ from daso.comm import (
     broadcast,
     broadcast_tensors,
     model_state_tensors,
+    shard_bounds,
     wrap_data_parallel,
 )
 from daso.strategies.base import EpochCounters, Strategy
 from daso.topology import ProcessGroups
-
-
-def shard_bounds(numel: int, shards: int) -> list[tuple[int, int]]:
-    """``[start, stop)`` of ``shards`` contiguous, near-equal pieces of ``range(numel)``."""
-    edges = [round(i * numel / shards) for i in range(shards + 1)]
-    return list(zip(edges[:-1], edges[1:]))
 
 
 class HierarchicalStrategy(Strategy):
