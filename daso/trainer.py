@@ -190,7 +190,8 @@ class Trainer:
             ``epoch``, ``train_loss``, ``val_loss``, ``val_accuracy`` (fraction in [0, 1]),
             ``global_skips``, ``local_skips``, ``batches_to_wait``, ``cross_node_bytes``
             (bytes handed to cross-node collectives this epoch, summed over ranks),
-            ``comm_wait_seconds`` (mean over ranks), ``epoch_seconds``, ``wall_seconds``
+            ``comm_wait_seconds`` (mean over ranks), ``train_seconds`` (the epoch's training
+            loop, without evaluation), ``epoch_seconds``, ``wall_seconds``
             (since ``fit`` started), ``lr``, ``strategy``.
 
         Raises:
@@ -206,7 +207,8 @@ class Trainer:
         for epoch in range(self.epoch, self.config.trainer.epochs):
             begin = time.perf_counter()
             train_loss, metrics = self._train_epoch(epoch, loader)
-            row: dict[str, Any] = {"epoch": epoch, "train_loss": train_loss}
+            row: dict[str, Any] = {"epoch": epoch, "train_loss": train_loss,
+                                   "train_seconds": time.perf_counter() - begin}
             if val_loader is not None:
                 row["val_loss"], row["val_accuracy"] = self._evaluate(val_loader)
             else:
