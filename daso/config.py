@@ -15,6 +15,7 @@ Example:
 from __future__ import annotations
 
 import os
+import types
 import typing
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -323,7 +324,7 @@ def _type_name(annotation: Any) -> str:
     origin = typing.get_origin(annotation)
     if origin is Literal:
         return " \\| ".join(str(a) for a in typing.get_args(annotation))
-    if origin in (Union, getattr(__import__("types"), "UnionType", Union)):
+    if origin in (Union, types.UnionType):
         return " \\| ".join(_type_name(a) for a in typing.get_args(annotation))
     if origin is list:
         return f"list[{_type_name(typing.get_args(annotation)[0])}]"
