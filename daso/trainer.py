@@ -207,8 +207,11 @@ class Trainer:
         for epoch in range(self.epoch, self.config.trainer.epochs):
             begin = time.perf_counter()
             train_loss, metrics = self._train_epoch(epoch, loader)
-            row: dict[str, Any] = {"epoch": epoch, "train_loss": train_loss,
-                                   "train_seconds": time.perf_counter() - begin}
+            row: dict[str, Any] = {
+                "epoch": epoch,
+                "train_loss": train_loss,
+                "train_seconds": time.perf_counter() - begin,
+            }
             if val_loader is not None:
                 row["val_loss"], row["val_accuracy"] = self._evaluate(val_loader)
             else:

@@ -56,6 +56,22 @@ def run_command(
     return subprocess.CompletedProcess(args, proc.returncode, out, err)
 
 
+def train_args(config: str | Path, output_dir: Path, *overrides: str) -> list[str]:
+    """``python -m daso.cli train`` for ``config`` (a name in configs/ or a path), quiet,
+    writing to ``output_dir``, with ``dotted.key=value`` overrides."""
+    path = config if Path(config).is_absolute() else ROOT / "configs" / config
+    sets = ["trainer.progress=false", f"trainer.output_dir={output_dir}", *overrides]
+    return [
+        sys.executable,
+        "-m",
+        "daso.cli",
+        "train",
+        "--config",
+        str(path),
+        *[arg for item in sets for arg in ("--set", item)],
+    ]
+
+
 def run_ranks(
     scenario: str,
     n: int,

@@ -7,13 +7,12 @@ non-blocking sync progresses while the caller computes, and accuracy on real MNI
 from __future__ import annotations
 
 import json
-import sys
 
 import numpy as np
 import pytest
 import torch
 
-from mpi_harness import ROOT, run_command, run_ranks
+from mpi_harness import run_command, run_ranks, train_args
 
 pytestmark = pytest.mark.multiprocess
 
@@ -86,24 +85,7 @@ def test_nonblocking_sync_progresses_while_computing(tmp_path):
 
 def train_cli(tmp_path, config, n, layout, *overrides):
     out = tmp_path / "run"
-    result = run_command(
-        [
-            sys.executable,
-            "-m",
-            "daso.cli",
-            "train",
-            "--config",
-            str(ROOT / "configs" / config),
-            "--set",
-            "trainer.progress=false",
-            "--set",
-            f"trainer.output_dir={out}",
-            *[arg for o in overrides for arg in ("--set", o)],
-        ],
-        n,
-        layout,
-        timeout=300,
-    )
+    result = run_command(train_args(config, out, *overrides), n, layout, timeout=300)
     assert result.returncode == 0, result.stdout + result.stderr
     return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
 

@@ -5,12 +5,11 @@ from __future__ import annotations
 
 import json
 import math
-import sys
 
 import pytest
 import torch
 
-from mpi_harness import ROOT, run_command, run_ranks
+from mpi_harness import run_command, run_ranks, train_args
 
 pytestmark = pytest.mark.multiprocess
 
@@ -54,23 +53,7 @@ def test_rank0_weights_survive_wrapping_and_features_run(tmp_path):
     ],
 )
 def test_bad_input_fails_before_training_with_exit_code_2(tmp_path, override, words):
-    result = run_command(
-        [
-            sys.executable,
-            "-m",
-            "daso.cli",
-            "train",
-            "--config",
-            str(ROOT / "configs/mnist_cnn_daso.yaml"),
-            "--set",
-            override,
-            "--set",
-            f"trainer.output_dir={tmp_path}",
-        ],
-        2,
-        "1",
-        timeout=120,
-    )
+    result = run_command(train_args("mnist_cnn_daso.yaml", tmp_path, override), 2, "1", timeout=120)
     assert result.returncode == 2, result.stderr
     assert words in result.stderr
     assert result.stderr.count("ERROR") == 1  # said once, by rank 0

@@ -29,6 +29,18 @@ import torch
 from daso.topology import ProcessGroups
 
 
+def synchronous_metrics(cross_node_bytes: int, comm_wait_seconds: float = 0.0) -> dict[str, float]:
+    """Epoch metrics of a strategy that syncs every batch, in DASO's terms: ``global_skips``
+    0 (blocking every batch), ``local_skips`` 1, ``batches_to_wait`` 0."""
+    return {
+        "global_skips": 0,
+        "local_skips": 1,
+        "batches_to_wait": 0,
+        "cross_node_bytes": cross_node_bytes,
+        "comm_wait_seconds": comm_wait_seconds,
+    }
+
+
 class EpochCounters:
     """Turns running totals (bytes sent, seconds waited) into per-epoch amounts."""
 

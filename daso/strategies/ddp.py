@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 
 from daso.comm import ByteCounter, broadcast_tensors, model_state_tensors, wrap_data_parallel
-from daso.strategies.base import Strategy
+from daso.strategies.base import Strategy, synchronous_metrics
 from daso.topology import ProcessGroups
 
 
@@ -37,14 +37,7 @@ class DDPStrategy(Strategy):
 
     def epoch_metrics(self) -> dict[str, float]:
         sent, self.counter.bytes_sent = self.counter.bytes_sent, 0
-        # in DASO's terms: a blocking sync of every batch, no local skips, nothing in flight
-        return {
-            "global_skips": 0,
-            "local_skips": 1,
-            "batches_to_wait": 0,
-            "cross_node_bytes": sent,
-            "comm_wait_seconds": 0.0,
-        }
+        return synchronous_metrics(sent)
 
     def end_epoch(self, epoch: int, loss: float) -> None:
         broadcast_tensors(model_state_tensors(self.model), src=0)

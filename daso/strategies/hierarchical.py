@@ -28,7 +28,7 @@ from daso.comm import (
     shard_bounds,
     wrap_data_parallel,
 )
-from daso.strategies.base import EpochCounters, Strategy
+from daso.strategies.base import EpochCounters, Strategy, synchronous_metrics
 from daso.topology import ProcessGroups
 
 
@@ -105,12 +105,7 @@ class HierarchicalStrategy(Strategy):
 
     def epoch_metrics(self) -> dict[str, float]:
         totals = (self.cross.bytes_sent, self.cross.wait_seconds) if self.cross else (0, 0.0)
-        return {
-            "global_skips": 0,
-            "local_skips": 1,
-            "batches_to_wait": 0,
-            **self.counters.since_last(*totals),
-        }
+        return synchronous_metrics(**self.counters.since_last(*totals))
 
     def end_epoch(self, epoch: int, loss: float) -> None:
         # parameters agree everywhere; BatchNorm statistics were only synced inside nodes

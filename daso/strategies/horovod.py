@@ -18,7 +18,7 @@ from typing import Any
 import torch
 
 from daso.errors import ConfigError
-from daso.strategies.base import Strategy
+from daso.strategies.base import Strategy, synchronous_metrics
 from daso.topology import ProcessGroups
 
 INSTALL_HINT = (
@@ -99,13 +99,7 @@ class HorovodStrategy(Strategy):
 
     def epoch_metrics(self) -> dict[str, float]:
         sent, self.bytes_sent = self.bytes_sent, 0
-        return {
-            "global_skips": 0,
-            "local_skips": 1,
-            "batches_to_wait": 0,
-            "cross_node_bytes": sent,
-            "comm_wait_seconds": 0.0,
-        }
+        return synchronous_metrics(sent)
 
     def end_epoch(self, epoch: int, loss: float) -> None:
         # BatchNorm statistics are per rank under Horovod; take rank 0's, as DDP does
