@@ -62,8 +62,17 @@ def step_hierarchical(t_c: float, params: float, nodes: int, bw: float, alpha: f
     return t_c + allreduce_seconds(4 * params, nodes, bw, alpha)
 
 
-def step_daso(t_c: float, params: float, nodes: int, bw: float, alpha: float, phi: float,
-              skips: int = 4, wait: int = 1, blocking_fraction: float = 0.0) -> float:
+def step_daso(
+    t_c: float,
+    params: float,
+    nodes: int,
+    bw: float,
+    alpha: float,
+    phi: float,
+    skips: int = 4,
+    wait: int = 1,
+    blocking_fraction: float = 0.0,
+) -> float:
     sync = allreduce_seconds(2 * params, nodes, bw, alpha)
     cycling = t_c + (sync - phi * min(sync, wait * t_c)) / skips
     return (1 - blocking_fraction) * cycling + blocking_fraction * (t_c + sync)
@@ -77,15 +86,35 @@ def measure(args: argparse.Namespace) -> list[dict]:
             out = args.out_dir / "runs" / f"scaling_{strategy}_{nodes}"
             out.mkdir(parents=True, exist_ok=True)
             (out / "metrics.jsonl").unlink(missing_ok=True)
-            sets = [f"strategy.name={strategy}", f"trainer.output_dir={out}",
-                    f"trainer.epochs={args.epochs}", f"data.train_subset={args.train_images}",
-                    "data.val_subset=200"]
+            sets = [
+                f"strategy.name={strategy}",
+                f"trainer.output_dir={out}",
+                f"trainer.epochs={args.epochs}",
+                f"data.train_subset={args.train_images}",
+                "data.val_subset=200",
+            ]
             if strategy == "daso":
-                sets += ["strategy.warmup_epochs=0", "strategy.cooldown_epochs=0",
-                         "strategy.patience=100"]  # steady state: global_skips 4, W 1
-            command = [sys.executable, "-m", "daso.cli", "emulate", "--nodes", str(nodes),
-                       "--ranks-per-node", "1", "--rate", args.rate, "--", "train",
-                       "--config", str(ROOT / "configs/cifar10_bench.yaml")]
+                sets += [
+                    "strategy.warmup_epochs=0",
+                    "strategy.cooldown_epochs=0",
+                    "strategy.patience=100",
+                ]  # steady state: global_skips 4, W 1
+            command = [
+                sys.executable,
+                "-m",
+                "daso.cli",
+                "emulate",
+                "--nodes",
+                str(nodes),
+                "--ranks-per-node",
+                "1",
+                "--rate",
+                args.rate,
+                "--",
+                "train",
+                "--config",
+                str(ROOT / "configs/cifar10_bench.yaml"),
+            ]
             for item in sets:
                 command += ["--set", item]
             print(f"== {strategy} on {nodes} nodes at {args.rate}", flush=True)
@@ -94,9 +123,14 @@ def measure(args: argparse.Namespace) -> list[dict]:
                 raise SystemExit(result.stderr[-3000:])
             last = json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])
             batches = args.train_images // nodes // 32
-            rows.append({"strategy": strategy, "nodes": nodes,
-                         "step_seconds": last["train_seconds"] / batches,
-                         "cross_node_bytes_per_step": last["cross_node_bytes"] / batches})
+            rows.append(
+                {
+                    "strategy": strategy,
+                    "nodes": nodes,
+                    "step_seconds": last["train_seconds"] / batches,
+                    "cross_node_bytes_per_step": last["cross_node_bytes"] / batches,
+                }
+            )
     return rows
 
 
@@ -107,14 +141,22 @@ def fit(measured: list[dict], params: float, bw: float) -> dict[str, float]:
     best = (math.inf, 1.0, 0.0)
     for eta in [i / 200 for i in range(20, 201)]:
         for alpha in [i * 1e-4 for i in range(0, 101)]:
-            err = sum((step_hierarchical(t_c[r["nodes"]], params, r["nodes"], eta * bw, alpha)
-                       - r["step_seconds"]) ** 2 for r in hier)
+            err = sum(
+                (
+                    step_hierarchical(t_c[r["nodes"]], params, r["nodes"], eta * bw, alpha)
+                    - r["step_seconds"]
+                )
+                ** 2
+                for r in hier
+            )
             best = min(best, (err, eta, alpha))
     _, eta, alpha = best
     daso = min((r for r in measured if r["strategy"] == "daso"), key=lambda r: r["nodes"])
     n = daso["nodes"]
-    phi = min((abs(step_daso(t_c[n], params, n, eta * bw, alpha, p) - daso["step_seconds"]), p)
-              for p in [i / 100 for i in range(0, 101)])[1]
+    phi = min(
+        (abs(step_daso(t_c[n], params, n, eta * bw, alpha, p) - daso["step_seconds"]), p)
+        for p in [i / 100 for i in range(0, 101)]
+    )[1]
     return {"eta": eta, "alpha": alpha, "phi": phi}
 
 
@@ -125,19 +167,33 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=2)
     parser.add_argument("--train-images", type=int, default=3072)
     parser.add_argument("--reuse", action="store_true", help="fit from scaling_measured.csv")
-    parser.add_argument("--resnet50-step", type=float, default=0.10,
-                        help="assumed GPU compute seconds per ResNet-50 step (batch 64, A100)")
-    parser.add_argument("--transformer-step", type=float, default=1.5,
-                        help="assumed GPU compute seconds per 1B-transformer step")
+    parser.add_argument(
+        "--resnet50-step",
+        type=float,
+        default=0.10,
+        help="assumed GPU compute seconds per ResNet-50 step (batch 64, A100)",
+    )
+    parser.add_argument(
+        "--transformer-step",
+        type=float,
+        default=1.5,
+        help="assumed GPU compute seconds per 1B-transformer step",
+    )
     parser.add_argument("--out-dir", type=Path, default=ROOT / "benchmarks/results")
     args = parser.parse_args()
     args.out_dir.mkdir(parents=True, exist_ok=True)
     measured_csv = args.out_dir / "scaling_measured.csv"
     if args.reuse:
         with measured_csv.open() as handle:
-            measured = [{**r, "nodes": int(r["nodes"]), "step_seconds": float(r["step_seconds"]),
-                         "cross_node_bytes_per_step": float(r["cross_node_bytes_per_step"])}
-                        for r in csv.DictReader(handle)]
+            measured = [
+                {
+                    **r,
+                    "nodes": int(r["nodes"]),
+                    "step_seconds": float(r["step_seconds"]),
+                    "cross_node_bytes_per_step": float(r["cross_node_bytes_per_step"]),
+                }
+                for r in csv.DictReader(handle)
+            ]
     else:
         measured = measure(args)
         with measured_csv.open("w", newline="") as handle:
@@ -151,9 +207,11 @@ def main() -> None:
     params = sum(p.numel() for p in build_model("resnet20").parameters())
     bw = bytes_per_second(args.rate)
     fitted = fit(measured, params, bw)
-    print(f"fitted on {args.rate}: eta {fitted['eta']:.3f} (fraction of the nominal rate), "
-          f"alpha {fitted['alpha'] * 1e3:.2f} ms, phi {fitted['phi']:.2f} (hidden share of a "
-          "DASO sync)")
+    print(
+        f"fitted on {args.rate}: eta {fitted['eta']:.3f} (fraction of the nominal rate), "
+        f"alpha {fitted['alpha'] * 1e3:.2f} ms, phi {fitted['phi']:.2f} (hidden share of a "
+        "DASO sync)"
+    )
     t_c = {r["nodes"]: r["step_seconds"] for r in measured if r["strategy"] == "no_comm"}
     print(f"{'strategy':>13} {'nodes':>5} {'measured s':>10} {'model s':>8} {'error':>7}")
     check_rows = []
@@ -162,15 +220,19 @@ def main() -> None:
             continue
         n = r["nodes"]
         args_model = (t_c[n], params, n, fitted["eta"] * bw, fitted["alpha"])
-        model = (step_hierarchical(*args_model) if r["strategy"] == "hierarchical"
-                 else step_daso(*args_model, fitted["phi"]))
+        model = (
+            step_hierarchical(*args_model)
+            if r["strategy"] == "hierarchical"
+            else step_daso(*args_model, fitted["phi"])
+        )
         error = (model - r["step_seconds"]) / r["step_seconds"]
         check_rows.append({**r, "model_seconds": model, "relative_error": error})
-        print(f"{r['strategy']:>13} {n:>5} {r['step_seconds']:>10.3f} {model:>8.3f} "
-              f"{error:>+7.1%}")
+        print(f"{r['strategy']:>13} {n:>5} {r['step_seconds']:>10.3f} {model:>8.3f} {error:>+7.1%}")
 
-    workloads = {"resnet50": (25.6e6, args.resnet50_step), "transformer_1b": (1e9,
-                                                                             args.transformer_step)}
+    workloads = {
+        "resnet50": (25.6e6, args.resnet50_step),
+        "transformer_1b": (1e9, args.transformer_step),
+    }
     links = {"infiniband_200gbit": (200e9 / 8, 5e-6), "ethernet_25gbit": (25e9 / 8, 25e-6)}
     predictions = []
     for workload, (p, t_step) in workloads.items():
@@ -178,11 +240,26 @@ def main() -> None:
             for exponent in range(1, 11):
                 n = 2**exponent
                 hier = step_hierarchical(t_step, p, n, fitted["eta"] * nominal, alpha)
-                daso = step_daso(t_step, p, n, fitted["eta"] * nominal, alpha, fitted["phi"],
-                                 blocking_fraction=8 / 90)
-                predictions.append({"workload": workload, "link": link, "nodes": n,
-                                    "gpus": 4 * n, "hierarchical_step_seconds": hier,
-                                    "daso_step_seconds": daso, "speedup_daso": hier / daso})
+                daso = step_daso(
+                    t_step,
+                    p,
+                    n,
+                    fitted["eta"] * nominal,
+                    alpha,
+                    fitted["phi"],
+                    blocking_fraction=8 / 90,
+                )
+                predictions.append(
+                    {
+                        "workload": workload,
+                        "link": link,
+                        "nodes": n,
+                        "gpus": 4 * n,
+                        "hierarchical_step_seconds": hier,
+                        "daso_step_seconds": daso,
+                        "speedup_daso": hier / daso,
+                    }
+                )
     with (args.out_dir / "scaling_model.csv").open("w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=list(predictions[0]))
         writer.writeheader()
@@ -202,25 +279,47 @@ def main() -> None:
         for link in links:
             rows = [r for r in predictions if r["workload"] == workload and r["link"] == link]
             label = f"{workload}, {link}"
-            axes[0].plot([r["nodes"] for r in rows], [r["speedup_daso"] for r in rows],
-                         marker="o", label=label)
-            axes[1].plot([r["nodes"] for r in rows], [r["hierarchical_step_seconds"] for r in rows],
-                         linestyle="--", label=f"hierarchical, {label}")
-            axes[1].plot([r["nodes"] for r in rows], [r["daso_step_seconds"] for r in rows],
-                         label=f"daso, {label}")
-    axes[0].set(xscale="log", xlabel="nodes (x4 GPUs)", ylabel="step time hierarchical / daso",
-                title="predicted speed-up of DASO")
-    axes[1].set(xscale="log", yscale="log", xlabel="nodes (x4 GPUs)", ylabel="step seconds",
-                title="predicted step time")
+            axes[0].plot(
+                [r["nodes"] for r in rows],
+                [r["speedup_daso"] for r in rows],
+                marker="o",
+                label=label,
+            )
+            axes[1].plot(
+                [r["nodes"] for r in rows],
+                [r["hierarchical_step_seconds"] for r in rows],
+                linestyle="--",
+                label=f"hierarchical, {label}",
+            )
+            axes[1].plot(
+                [r["nodes"] for r in rows],
+                [r["daso_step_seconds"] for r in rows],
+                label=f"daso, {label}",
+            )
+    axes[0].set(
+        xscale="log",
+        xlabel="nodes (x4 GPUs)",
+        ylabel="step time hierarchical / daso",
+        title="predicted speed-up of DASO",
+    )
+    axes[1].set(
+        xscale="log",
+        yscale="log",
+        xlabel="nodes (x4 GPUs)",
+        ylabel="step seconds",
+        title="predicted step time",
+    )
     axes[0].legend(fontsize=7)
     axes[1].legend(fontsize=5)
     fig.tight_layout()
     fig.savefig(args.out_dir / "scaling_model.png", dpi=110)
     for r in predictions:
         if r["nodes"] in (2, 16, 128, 1024):
-            print(f"{r['workload']:>15} {r['link']:>19} {r['nodes']:>5} nodes: hierarchical "
-                  f"{r['hierarchical_step_seconds']:.3f} s, daso {r['daso_step_seconds']:.3f} s, "
-                  f"speed-up {r['speedup_daso']:.2f}")
+            print(
+                f"{r['workload']:>15} {r['link']:>19} {r['nodes']:>5} nodes: hierarchical "
+                f"{r['hierarchical_step_seconds']:.3f} s, daso {r['daso_step_seconds']:.3f} s, "
+                f"speed-up {r['speedup_daso']:.2f}"
+            )
 
 
 if __name__ == "__main__":

@@ -127,6 +127,26 @@ class NoCommConfig(Section):
     )
 
 
+class EASGDConfig(Section):
+    name: Literal["easgd"] = Field("easgd", description="Synchronous EASGD (Zhang et al. 2015).")
+    period: int = Field(1, ge=1, description="tau: steps between elastic exchanges.")
+    moving_rate: float | None = Field(
+        None, gt=0, lt=1, description="alpha; empty = 0.9 / number of nodes (beta = 0.9)."
+    )
+    center_resync_period: int = Field(
+        100, ge=1, description="Elastic steps between center re-broadcasts (float drift)."
+    )
+    evaluate: Literal["center", "worker"] = Field(
+        "center", description="Validate the center x~ or this worker's x^i."
+    )
+    wire_dtype: WireDtype = Field("float32", description="Wire dtype of elastic differences.")
+
+
+class EAMSGDConfig(EASGDConfig):
+    name: Literal["eamsgd"] = Field("eamsgd", description="EASGD with Nesterov momentum.")
+    momentum: float = Field(0.99, ge=0, lt=1, description="delta: Nesterov momentum.")
+
+
 class DASOConfig(Section):
     name: Literal["daso"] = Field("daso", description="DASO (Coquelin et al. 2022).")
     warmup_epochs: int = Field(4, ge=0, description="Blocking epochs at the start.")
@@ -152,7 +172,14 @@ class DASOConfig(Section):
 
 
 StrategyConfig = Annotated[
-    DASOConfig | DDPConfig | HierarchicalConfig | LocalSGDConfig | HorovodConfig | NoCommConfig,
+    DASOConfig
+    | DDPConfig
+    | HierarchicalConfig
+    | LocalSGDConfig
+    | HorovodConfig
+    | NoCommConfig
+    | EASGDConfig
+    | EAMSGDConfig,
     Field(discriminator="name"),
 ]
 STRATEGY_SECTIONS: dict[str, type[Section]] = {
@@ -161,6 +188,9 @@ STRATEGY_SECTIONS: dict[str, type[Section]] = {
     "hierarchical": HierarchicalConfig,
     "local_sgd": LocalSGDConfig,
     "horovod": HorovodConfig,
+    "no_comm": NoCommConfig,
+    "easgd": EASGDConfig,
+    "eamsgd": EAMSGDConfig,
 }
 
 

@@ -278,7 +278,7 @@ class Trainer:
         module = unwrap(self.model)
         module.eval()
         loss_sum, correct, count = 0.0, 0, 0
-        with torch.no_grad(), self._autocast():
+        with torch.no_grad(), self._autocast(), self.strategy.evaluation():
             for inputs, targets in loader:
                 inputs = inputs.to(self.device, non_blocking=True)
                 targets = targets.to(self.device, non_blocking=True)

@@ -257,7 +257,8 @@ def scenario_equivalence(groups: ProcessGroups, params: dict[str, Any]) -> dict[
         strategy = build_strategy(name, groups, epochs=1, options=options)
         wrapped = strategy.wrap(model, optimizer)
         strategy.begin_epoch(0, len(batches) + 1)  # no epoch end inside the run
-        trace, before_sync = [], []
+        trace, before_sync, pre_step, centers = [], [], [], []
+        numel = sum(p.numel() for p in model.parameters())
 
         def flat_params(model: torch.nn.Module = model) -> torch.Tensor:
             return torch.cat([p.detach().reshape(-1).clone() for p in model.parameters()])
@@ -267,14 +268,19 @@ def scenario_equivalence(groups: ProcessGroups, params: dict[str, Any]) -> dict[
             with strategy.sync_context(batch):
                 torch.nn.functional.cross_entropy(wrapped(inputs), targets).backward()
             strategy.after_backward(batch)
+            pre_step.append(flat_params())
             with strategy.step_context():
                 strategy.optimizer.step()
             before_sync.append(flat_params())
             strategy.after_step(batch)
             trace.append(flat_params())
+            if hasattr(strategy, "center"):  # parameters come first in the center's layout
+                centers.append(strategy.center[:numel].clone())
         runs[label] = {
             "trace": trace,
             "before_sync": before_sync,
+            "pre_step": pre_step,
+            "centers": centers,
             "metrics": strategy.epoch_metrics(),
             "numel": sum(p.numel() for p in model.parameters()),
             "state_numel": sum(t.numel() for t in model_state_tensors(model)),

@@ -7,6 +7,7 @@ single bucket). The buffer is allocated once; :meth:`FlatBuffer.pack` and
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterable, Sequence
 
 import torch
@@ -46,10 +47,12 @@ def optimizer_state_tensors(optimizer: torch.optim.Optimizer) -> list[torch.Tens
     return tensors
 
 
-def shard_bounds(numel: int, shards: int) -> list[tuple[int, int]]:
-    """``[start, stop)`` of ``shards`` contiguous, near-equal pieces of ``range(numel)``."""
+@functools.lru_cache(maxsize=64)
+def shard_bounds(numel: int, shards: int) -> tuple[tuple[int, int], ...]:
+    """``[start, stop)`` of ``shards`` contiguous, near-equal pieces of ``range(numel)``
+    (cached: blocking averages ask for the same split every batch)."""
     edges = [round(i * numel / shards) for i in range(shards + 1)]
-    return list(zip(edges[:-1], edges[1:]))
+    return tuple(zip(edges[:-1], edges[1:]))
 
 
 class FlatBuffer:

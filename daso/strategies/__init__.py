@@ -13,6 +13,8 @@ daso          node-local gradient averaging, non-blocking selective        Coque
 horovod       horovod.torch.DistributedOptimizer, allreduce every step     Sergeev & Del
                                                                            Balso 2018
 no_comm       no communication: the benchmark's physical bound             -
+easgd         synchronous elastic averaging of nodes with a center          Zhang et al. 2015
+eamsgd        easgd with Nesterov momentum on the local step                Zhang et al. 2015
 ============  ===========================================================  ==================
 """
 
@@ -24,6 +26,7 @@ from typing import Any
 from daso.strategies.base import Strategy
 from daso.strategies.daso import DASOStrategy, merge_stale_sum
 from daso.strategies.ddp import DDPStrategy
+from daso.strategies.easgd import EAMSGDStrategy, EASGDStrategy
 from daso.strategies.hierarchical import HierarchicalStrategy
 from daso.strategies.horovod import HorovodStrategy
 from daso.strategies.local_sgd import LocalSGDStrategy
@@ -39,6 +42,8 @@ STRATEGIES: dict[str, type[Strategy]] = {
         DASOStrategy,
         HorovodStrategy,
         NoCommStrategy,
+        EASGDStrategy,
+        EAMSGDStrategy,
     )
 }
 
@@ -60,6 +65,8 @@ __all__ = [
     "STRATEGIES",
     "DASOStrategy",
     "DDPStrategy",
+    "EAMSGDStrategy",
+    "EASGDStrategy",
     "HierarchicalStrategy",
     "HorovodStrategy",
     "LocalSGDStrategy",

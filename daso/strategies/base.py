@@ -111,6 +111,10 @@ class Strategy(abc.ABC):
     def after_step(self, batch: int) -> None:
         """Called on every rank after ``optimizer.step()`` of ``batch`` (0-based in its epoch)."""
 
+    def evaluation(self) -> contextlib.AbstractContextManager:
+        """Context around validation (e.g. to evaluate a center variable instead)."""
+        return contextlib.nullcontext()
+
     def epoch_metrics(self) -> dict[str, float]:
         """Numbers of the epoch just run, then reset: at least ``cross_node_bytes`` (this rank's
         bytes handed to cross-node collectives) and ``comm_wait_seconds``; schedule knobs where

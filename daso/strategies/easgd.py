@@ -1,0 +1,237 @@
+"""``easgd`` and ``eamsgd``: synchronous Elastic Averaging SGD across nodes.
+
+Zhang, Choromanska, LeCun, "Deep learning with Elastic Averaging SGD", NIPS 2015, arXiv
+1412.6651. The p workers of the paper are the nodes (inside a node, DDP averages gradients
+every step as in every strategy here). Every ``tau`` steps each worker ``i`` and the center
+variable ``x~`` move towards each other, both from the same pre-update values (eqs. 3-6 with
+the elastic force ``alpha (x^i - x~)``, ``alpha = eta * rho``):
+
+    x^i <- x^i - alpha (x^i - x~)
+    x~  <- x~  + alpha * sum_i (x^i - x~)
+
+There is no parameter server: every rank keeps a copy of ``x~`` and the sum is one cross-node
+allreduce of the elastic differences (sharded over the node's cross-node groups), so the
+centers stay identical; every ``center_resync_period`` elastic steps the center is re-broadcast
+from rank 0 to remove floating-point drift. ``beta = p * alpha`` defaults to 0.9 (the paper's
+choice), i.e. ``alpha = 0.9 / p``, unless ``moving_rate`` gives ``alpha``.
+
+``eamsgd`` is the momentum variant (Algorithm 2): the local step uses Nesterov momentum
+``delta`` (default 0.99, as in the paper), the elastic term the pre-step parameters.
+
+Validation evaluates the center ``x~`` (the paper's choice) unless ``evaluate: worker``.
+BatchNorm statistics (floating-point buffers) are treated like parameters: the elastic rule
+moves them and the center holds elastic averages of them, which validation of the center uses.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+
+from daso.comm import (
+    WIRE_DTYPES,
+    CrossNodeSum,
+    FlatBuffer,
+    broadcast,
+    broadcast_tensors,
+    shard_bounds,
+    wrap_data_parallel,
+)
+from daso.errors import ConfigError
+from daso.strategies.base import EpochCounters, Strategy
+from daso.topology import ProcessGroups
+
+
+def elastic_difference(local: torch.Tensor, center: torch.Tensor) -> torch.Tensor:
+    """``x^i - x~`` from the pre-step values (float32 ``[P]`` each); a new tensor."""
+    return local - center
+
+
+def apply_elastic(
+    local: torch.Tensor,
+    center: torch.Tensor,
+    difference: torch.Tensor,
+    difference_sum: torch.Tensor,
+    alpha: float,
+) -> None:
+    """The elastic part of one synchronous EASGD step, in place (paper, eqs. 5-6).
+
+    With ``local`` already moved by the optimizer (``x^i_t - eta g``), this completes
+
+        x^i_{t+1} = x^i_t - eta g - alpha (x^i_t - x~_t)
+        x~_{t+1}  = x~_t + alpha * sum_i (x^i_t - x~_t)
+
+    Args:
+        local: float32 ``[P]``, the worker's parameters after its optimizer step.
+        center: float32 ``[P]``, the center ``x~_t``.
+        difference: float32 ``[P]``, this worker's ``x^i_t - x~_t`` (pre-step).
+        difference_sum: float32 ``[P]``, the same summed over all p workers.
+        alpha: the moving rate ``eta * rho``.
+    """
+    local.sub_(difference, alpha=alpha)
+    center.add_(difference_sum, alpha=alpha)
+
+
+class EASGDStrategy(Strategy):
+    """Synchronous EASGD across nodes (see the module docstring).
+
+    Args:
+        groups: the process groups.
+        epochs: total epochs (unused; part of the interface).
+        period: tau, steps between elastic exchanges, >= 1.
+        moving_rate: alpha; default ``beta / p`` with ``beta = 0.9``.
+        center_resync_period: elastic steps between re-broadcasts of the center from rank 0.
+        evaluate: ``"center"`` (default) or ``"worker"``: which parameters validation sees.
+        wire_dtype: dtype of the elastic differences on the MPI wire.
+        timeout_seconds: longest wait for a cross-node allreduce.
+
+    Raises:
+        ConfigError: out-of-range ``period``, ``moving_rate`` or ``evaluate``.
+    """
+
+    name = "easgd"
+    #: Nesterov momentum forced on the optimizer (``eamsgd``); ``None`` leaves it alone.
+    momentum: float | None = None
+
+    def __init__(
+        self,
+        groups: ProcessGroups,
+        epochs: int,
+        *,
+        period: int = 1,
+        moving_rate: float | None = None,
+        center_resync_period: int = 100,
+        evaluate: str = "center",
+        wire_dtype: str = "float32",
+        timeout_seconds: float = 300.0,
+    ) -> None:
+        super().__init__(groups, epochs, timeout_seconds)
+        alpha = 0.9 / self.topology.num_nodes if moving_rate is None else moving_rate
+        if period < 1 or not 0 < alpha < 1 or evaluate not in ("center", "worker"):
+            raise ConfigError(
+                f"{self.name}: need period >= 1, 0 < moving_rate < 1 and evaluate center|worker "
+                f"(got period={period}, moving_rate={alpha}, evaluate={evaluate!r})"
+            )
+        self.period, self.alpha = period, alpha
+        self.center_resync_period = center_resync_period
+        self.evaluate = evaluate
+        self.wire_dtype = WIRE_DTYPES[wire_dtype]
+        self.step = self.elastic_steps = 0
+        self.difference = self.difference_sum = None
+        self.counters = EpochCounters()
+        self.cross: CrossNodeSum | None = None
+
+    def wrap(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> torch.nn.Module:
+        topo = self.topology
+        if self.momentum is not None:
+            for group in optimizer.param_groups:
+                group.update(momentum=self.momentum, nesterov=True, dampening=0)
+        self.optimizer = optimizer
+        self.model = wrap_data_parallel(
+            model, self.groups.node_group, topo.local_world_size, self.groups.device
+        )
+        tensors = [p for p in model.parameters()] + [
+            b for b in model.buffers() if b.is_floating_point()
+        ]
+        self.state = FlatBuffer(tensors, device=self.groups.device)
+        self.center = self.state.pack().clone()  # x~ starts at the (broadcast) initial model
+        self.bounds = shard_bounds(self.state.numel, topo.num_cross_groups)
+        if self.groups.cross_comm is not None:
+            start, stop = self.bounds[topo.local_rank]
+            self.cross = CrossNodeSum(
+                self.groups.cross_comm,
+                stop - start,
+                self.wire_dtype,
+                self.groups.device,
+                timeout=self.timeout,
+            )
+        return self.model
+
+    def after_backward(self, batch: int) -> None:
+        """On an elastic step, take ``x^i - x~`` before the optimizer moves ``x^i`` and sum it
+        over the nodes (local rank i sums shard i over C_i, then shares it in the node)."""
+        if (self.step + 1) % self.period != 0:
+            return
+        topo = self.topology
+        self.difference = elastic_difference(self.state.pack(), self.center)
+        self.difference_sum = self.difference.clone()
+        if self.cross is not None:
+            start, stop = self.bounds[topo.local_rank]
+            shard = self.difference_sum[start:stop]
+            shard.copy_(self.cross.allreduce(shard, tag=f"EASGD step {self.step + 1}"))
+        for owner, (start, stop) in enumerate(self.bounds):
+            src = topo.global_rank(topo.node_rank, owner)
+            broadcast(self.difference_sum[start:stop], src, self.groups.node_group)
+
+    def after_step(self, batch: int) -> None:
+        self.step += 1
+        if self.step % self.period != 0:
+            return
+        local = self.state.pack()
+        apply_elastic(local, self.center, self.difference, self.difference_sum, self.alpha)
+        self.state.unpack()
+        self.elastic_steps += 1
+        if self.elastic_steps % self.center_resync_period == 0:
+            broadcast(self.center, 0)
+
+    @contextlib.contextmanager
+    def evaluation(self) -> Iterator[None]:
+        """Swap the center in for validation (``evaluate: center``), the worker back after."""
+        if self.evaluate == "worker":
+            yield
+            return
+        worker = self.state.pack().clone()
+        self.state.unpack(self.center)
+        try:
+            yield
+        finally:
+            self.state.unpack(worker)
+
+    def epoch_metrics(self) -> dict[str, float]:
+        totals = (self.cross.bytes_sent, self.cross.wait_seconds) if self.cross else (0, 0.0)
+        return {
+            "global_skips": self.period,
+            "local_skips": 1,
+            "batches_to_wait": 0,
+            **self.counters.since_last(*totals),
+        }
+
+    def end_epoch(self, epoch: int, loss: float) -> None:
+        broadcast_tensors([self.center], src=0)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "step": self.step,
+            "elastic_steps": self.elastic_steps,
+            "center": self.center.cpu().clone(),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.step, self.elastic_steps = int(state["step"]), int(state["elastic_steps"])
+        self.center.copy_(state["center"])
+
+    def close(self) -> None:
+        if self.cross is not None:
+            self.cross.close()
+
+
+class EAMSGDStrategy(EASGDStrategy):
+    """EAMSGD: EASGD with Nesterov momentum ``delta`` on the local step (Algorithm 2).
+
+    Args:
+        momentum: delta, Nesterov momentum set on every optimizer parameter group
+            (default 0.99, as in the paper); other arguments as :class:`EASGDStrategy`.
+    """
+
+    name = "eamsgd"
+
+    def __init__(
+        self, groups: ProcessGroups, epochs: int, *, momentum: float = 0.99, **options: Any
+    ) -> None:
+        if not 0 <= momentum < 1:
+            raise ConfigError(f"eamsgd: momentum must be in [0, 1), got {momentum}")
+        self.momentum = momentum
+        super().__init__(groups, epochs, **options)
