@@ -77,7 +77,11 @@ def test_unknown_section(tmp_path):
         ),
         ("trainer:\n  epochs: many\n", "trainer.epochs", "valid integer"),
         ("optim:\n  lr: -1\n", "optim.lr", "greater than 0"),
-        ("strategy:\n  name: gossip\n", "strategy.name", "['daso', 'ddp', 'eamsgd', 'easgd', 'hierarchical'"),
+        (
+            "strategy:\n  name: gossip\n",
+            "strategy.name",
+            "['daso', 'ddp', 'eamsgd', 'easgd', 'hierarchical'",
+        ),
     ],
 )
 def test_bad_value_names_key_and_allowed_values(tmp_path, text, key, hint):
