@@ -70,23 +70,25 @@ def strategy_overrides(name: str, epochs: int, batches_per_epoch: int) -> list[s
     return sets
 
 
-def run_one(args: argparse.Namespace, strategy: str, rate: str, work: Path) -> list[dict]:
-    """Train ``strategy`` over a link of ``rate``; return its per-epoch rows."""
-    out = work / f"{strategy}_{rate}"
-    counters = out / "link.json"
+def train_emulated(
+    nodes: int, ranks_per_node: int, rate: str, config: Path, out: Path, sets: list[str]
+) -> tuple[list[dict], dict]:
+    """``daso train`` on an emulated cluster; returns (metrics rows, link counters).
+
+    Writes to ``out``; every ``sets`` item is a ``--set`` override. Exits on failure.
+    """
     out.mkdir(parents=True, exist_ok=True)
     (out / "metrics.jsonl").unlink(missing_ok=True)
-    world = args.nodes * args.ranks_per_node
-    batches = args.train_images // world // args.batch_size
+    counters = out / "link.json"
     command = [
         sys.executable,
         "-m",
         "daso.cli",
         "emulate",
         "--nodes",
-        str(args.nodes),
+        str(nodes),
         "--ranks-per-node",
-        str(args.ranks_per_node),
+        str(ranks_per_node),
         "--rate",
         rate,
         "--counters",
@@ -94,21 +96,31 @@ def run_one(args: argparse.Namespace, strategy: str, rate: str, work: Path) -> l
         "--",
         "train",
         "--config",
-        str(args.config),
-        "--set",
-        f"trainer.output_dir={out}",
-        "--set",
-        f"trainer.epochs={args.epochs}",
+        str(config),
     ]
-    for item in strategy_overrides(strategy, args.epochs, batches) + args.set:
+    for item in [f"trainer.output_dir={out}", *sets]:
         command += ["--set", item]
-    print(f"== {strategy} at {rate}", flush=True)
-    begin = time.perf_counter()
     result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True)
     if result.returncode != 0:
-        raise SystemExit(f"{strategy} at {rate} failed:\n{result.stderr[-4000:]}")
-    link = json.loads(counters.read_text())
+        raise SystemExit(f"{' '.join(command)} failed:\n{result.stderr[-4000:]}")
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    return rows, json.loads(counters.read_text())
+
+
+def run_one(args: argparse.Namespace, strategy: str, rate: str, work: Path) -> list[dict]:
+    """Train ``strategy`` over a link of ``rate``; return its per-epoch rows."""
+    world = args.nodes * args.ranks_per_node
+    batches = args.train_images // world // args.batch_size
+    sets = [
+        f"trainer.epochs={args.epochs}",
+        *strategy_overrides(strategy, args.epochs, batches),
+        *args.set,
+    ]
+    print(f"== {strategy} at {rate}", flush=True)
+    begin = time.perf_counter()
+    rows, link = train_emulated(
+        args.nodes, args.ranks_per_node, rate, args.config, work / f"{strategy}_{rate}", sets
+    )
     print(
         f"   {time.perf_counter() - begin:.0f} s, final val accuracy "
         f"{rows[-1]['val_accuracy']:.3f}, link {sum(link['tx_bytes']) / 1e6:.1f} MB",

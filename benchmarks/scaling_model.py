@@ -33,13 +33,14 @@ from __future__ import annotations
 
 import argparse
 import csv
-import json
 import math
-import subprocess
 import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).parent))
+from compare import train_emulated  # noqa: E402  (the sibling script)
+
 RATES = {"bit": 1, "kbit": 1e3, "mbit": 1e6, "gbit": 1e9}
 
 
@@ -84,44 +85,23 @@ def measure(args: argparse.Namespace) -> list[dict]:
     for nodes in args.nodes:
         for strategy in ("no_comm", "hierarchical", "daso"):
             out = args.out_dir / "runs" / f"scaling_{strategy}_{nodes}"
-            out.mkdir(parents=True, exist_ok=True)
-            (out / "metrics.jsonl").unlink(missing_ok=True)
             sets = [
                 f"strategy.name={strategy}",
-                f"trainer.output_dir={out}",
                 f"trainer.epochs={args.epochs}",
                 f"data.train_subset={args.train_images}",
                 "data.val_subset=200",
             ]
-            if strategy == "daso":
+            if strategy == "daso":  # steady state: global_skips 4, W 1
                 sets += [
                     "strategy.warmup_epochs=0",
                     "strategy.cooldown_epochs=0",
                     "strategy.patience=100",
-                ]  # steady state: global_skips 4, W 1
-            command = [
-                sys.executable,
-                "-m",
-                "daso.cli",
-                "emulate",
-                "--nodes",
-                str(nodes),
-                "--ranks-per-node",
-                "1",
-                "--rate",
-                args.rate,
-                "--",
-                "train",
-                "--config",
-                str(ROOT / "configs/cifar10_bench.yaml"),
-            ]
-            for item in sets:
-                command += ["--set", item]
+                ]
             print(f"== {strategy} on {nodes} nodes at {args.rate}", flush=True)
-            result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True)
-            if result.returncode != 0:
-                raise SystemExit(result.stderr[-3000:])
-            last = json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])
+            rows_run, _ = train_emulated(
+                nodes, 1, args.rate, ROOT / "configs/cifar10_bench.yaml", out, sets
+            )
+            last = rows_run[-1]
             batches = args.train_images // nodes // 32
             rows.append(
                 {

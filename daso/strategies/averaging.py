@@ -19,6 +19,59 @@ from daso.comm import CrossNodeSum, FlatBuffer, broadcast, shard_bounds
 from daso.topology import ProcessGroups
 
 
+def shard_sum_link(
+    groups: ProcessGroups, numel: int, wire_dtype: torch.dtype, timeout: float
+) -> CrossNodeSum | None:
+    """The cross-node sum a rank needs for :func:`sum_shards_over_nodes` on vectors of
+    ``numel`` elements: sized for this rank's shard, or ``None`` without a cross-node group."""
+    if groups.cross_comm is None:
+        return None
+    topo = groups.topology
+    start, stop = shard_bounds(numel, topo.num_cross_groups)[topo.local_rank]
+    return CrossNodeSum(groups.cross_comm, stop - start, wire_dtype, groups.device, timeout=timeout)
+
+
+def sum_shards_over_nodes(
+    flat: torch.Tensor,
+    groups: ProcessGroups,
+    cross: CrossNodeSum | None,
+    scale: float = 1.0,
+    divisor: float = 1.0,
+    tag: Any = None,
+) -> torch.Tensor:
+    """``flat <- sum over nodes of (scale * flat_node) / divisor``, in place, on every rank.
+
+    The vector is cut into ``K = min_n L_n`` shards; local rank ``i < K`` sums shard ``i``
+    over its cross-node group ``C_i`` (all of a node's ranks use the link at once, each for
+    ``1/K`` of the bytes, as in Horovod's hierarchical allreduce); each owner then broadcasts
+    its shard inside the node. The ranks of a node must hold the same ``flat``.
+
+    Args:
+        flat: float32 ``[P]``, identical within the node.
+        groups: this rank's process groups.
+        cross: this rank's cross-node sum (capacity >= its shard), ``None`` if it has none.
+        scale: factor applied to the node's contribution (e.g. ``L_n`` for a mean over ranks).
+        divisor: the sum is divided by it (e.g. the world size or the number of nodes).
+        tag: label for timeout errors.
+
+    Returns:
+        ``flat``.
+    """
+    topo = groups.topology
+    bounds = shard_bounds(flat.numel(), topo.num_cross_groups)
+    if cross is not None:
+        start, stop = bounds[topo.local_rank]
+        shard = flat[start:stop]
+        if scale != 1.0:
+            shard.mul_(scale)
+        shard.copy_(cross.allreduce(shard, tag=tag))
+        if divisor != 1.0:
+            shard.div_(divisor)
+    for owner, (start, stop) in enumerate(bounds):
+        broadcast(flat[start:stop], topo.global_rank(topo.node_rank, owner), groups.node_group)
+    return flat
+
+
 class CrossNodeAverager:
     """Sums or averages ``tensors`` across nodes, then makes every node consistent.
 
@@ -96,18 +149,14 @@ class CrossNodeAverager:
         """
         buffer = buffer or self.state
         topo = self.topology
-        flat = buffer.pack()
-        bounds = shard_bounds(buffer.numel, topo.num_cross_groups)
-        if self.cross is not None:
-            start, stop = bounds[topo.local_rank]
-            shard = flat[start:stop]
-            if by_ranks:
-                shard.mul_(topo.local_world_size)
-            shard.copy_(self.cross.allreduce(shard, tag=tag))
-            shard.div_(topo.world_size if by_ranks else topo.num_nodes)
-        for owner, (start, stop) in enumerate(bounds):
-            src = topo.global_rank(topo.node_rank, owner)
-            broadcast(flat[start:stop], src, self.groups.node_group)
+        sum_shards_over_nodes(
+            buffer.pack(),
+            self.groups,
+            self.cross,
+            scale=topo.local_world_size if by_ranks else 1.0,
+            divisor=topo.world_size if by_ranks else topo.num_nodes,
+            tag=tag,
+        )
         buffer.unpack()
 
     def reserve(self, numel: int) -> None:

@@ -37,10 +37,10 @@ from daso.comm import (
     FlatBuffer,
     broadcast,
     broadcast_tensors,
-    shard_bounds,
     wrap_data_parallel,
 )
 from daso.errors import ConfigError
+from daso.strategies.averaging import shard_sum_link, sum_shards_over_nodes
 from daso.strategies.base import EpochCounters, Strategy
 from daso.topology import ProcessGroups
 
@@ -138,16 +138,7 @@ class EASGDStrategy(Strategy):
         ]
         self.state = FlatBuffer(tensors, device=self.groups.device)
         self.center = self.state.pack().clone()  # x~ starts at the (broadcast) initial model
-        self.bounds = shard_bounds(self.state.numel, topo.num_cross_groups)
-        if self.groups.cross_comm is not None:
-            start, stop = self.bounds[topo.local_rank]
-            self.cross = CrossNodeSum(
-                self.groups.cross_comm,
-                stop - start,
-                self.wire_dtype,
-                self.groups.device,
-                timeout=self.timeout,
-            )
+        self.cross = shard_sum_link(self.groups, self.state.numel, self.wire_dtype, self.timeout)
         return self.model
 
     def after_backward(self, batch: int) -> None:
@@ -155,16 +146,10 @@ class EASGDStrategy(Strategy):
         over the nodes (local rank i sums shard i over C_i, then shares it in the node)."""
         if (self.step + 1) % self.period != 0:
             return
-        topo = self.topology
         self.difference = elastic_difference(self.state.pack(), self.center)
-        self.difference_sum = self.difference.clone()
-        if self.cross is not None:
-            start, stop = self.bounds[topo.local_rank]
-            shard = self.difference_sum[start:stop]
-            shard.copy_(self.cross.allreduce(shard, tag=f"EASGD step {self.step + 1}"))
-        for owner, (start, stop) in enumerate(self.bounds):
-            src = topo.global_rank(topo.node_rank, owner)
-            broadcast(self.difference_sum[start:stop], src, self.groups.node_group)
+        self.difference_sum = sum_shards_over_nodes(
+            self.difference.clone(), self.groups, self.cross, tag=f"EASGD step {self.step + 1}"
+        )
 
     def after_step(self, batch: int) -> None:
         self.step += 1

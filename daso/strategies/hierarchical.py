@@ -22,12 +22,11 @@ from daso.comm import (
     WIRE_DTYPES,
     CrossNodeSum,
     FlatBuffer,
-    broadcast,
     broadcast_tensors,
     model_state_tensors,
-    shard_bounds,
     wrap_data_parallel,
 )
+from daso.strategies.averaging import shard_sum_link, sum_shards_over_nodes
 from daso.strategies.base import EpochCounters, Strategy, synchronous_metrics
 from daso.topology import ProcessGroups
 
@@ -69,16 +68,7 @@ class HierarchicalStrategy(Strategy):
         )
         self.params = [p for p in model.parameters() if p.requires_grad]
         self.grads = FlatBuffer(self.params, device=self.groups.device)
-        self.bounds = shard_bounds(self.grads.numel, topo.num_cross_groups)
-        if self.groups.cross_comm is not None:
-            start, stop = self.bounds[topo.local_rank]
-            self.cross = CrossNodeSum(
-                self.groups.cross_comm,
-                stop - start,
-                self.wire_dtype,
-                self.groups.device,
-                timeout=self.timeout,
-            )
+        self.cross = shard_sum_link(self.groups, self.grads.numel, self.wire_dtype, self.timeout)
         return self.model
 
     def _gradients(self) -> list[torch.Tensor]:
@@ -93,14 +83,14 @@ class HierarchicalStrategy(Strategy):
             return  # DDP over the node already averaged over every rank
         grads = self._gradients()
         flat = self.grads.pack(grads)
-        if self.cross is not None:
-            start, stop = self.bounds[topo.local_rank]
-            shard = flat[start:stop].mul_(topo.local_world_size)
-            shard.copy_(self.cross.allreduce(shard, tag=f"gradient shard, batch {batch}"))
-            shard.div_(topo.world_size)
-        for owner, (start, stop) in enumerate(self.bounds):
-            src = topo.global_rank(topo.node_rank, owner)
-            broadcast(flat[start:stop], src, self.groups.node_group)
+        sum_shards_over_nodes(
+            flat,
+            self.groups,
+            self.cross,
+            scale=topo.local_world_size,
+            divisor=topo.world_size,
+            tag=f"gradient shard, batch {batch}",
+        )
         self.grads.unpack(tensors=grads)
 
     def epoch_metrics(self) -> dict[str, float]:
