@@ -17,8 +17,10 @@ from daso.errors import DasoError
 
 log = logging.getLogger("daso.cli")
 
-#: Exit codes: 0 success, 1 a failure during the run (the others are aborted), 2 bad input.
-EXIT_OK, EXIT_FAILURE, EXIT_BAD_INPUT = 0, 1, 2
+#: Exit codes: 0 success; 1 a failure during the run (a dead or stuck rank, NaN with
+#: ``nan_policy: stop``; the other ranks are aborted); 2 bad input (config, data, checkpoint);
+#: 75 stopped by SIGTERM/SIGUSR1 after writing a checkpoint (sysexits' EX_TEMPFAIL: requeue it).
+EXIT_OK, EXIT_FAILURE, EXIT_BAD_INPUT, EXIT_PREEMPTED = 0, 1, 2, 75
 
 
 def _launcher_rank() -> int:
@@ -79,23 +81,66 @@ def build_optimizer(config: Any, params: Any) -> Any:
     return cls(params, lr=optim.lr, weight_decay=optim.weight_decay)
 
 
+def _data_classes(config: Any, train_set: Any) -> int | None:
+    """Classes in the training data: 10 for MNIST, the class folders of an image folder."""
+    if config.data.name == "mnist":
+        return 10
+    classes = getattr(train_set, "classes", None)
+    return len(classes) if classes is not None else None
+
+
+def _checkpoint_to_resume(source: str, config: Any) -> tuple[Any, Any, bool] | None:
+    """The checkpoint ``--resume`` names, read, verified and checked against this run before
+    any process group exists: ``(payload, path, exact)``, or ``None`` (``auto``, none yet).
+
+    Raises:
+        CheckpointError: missing or corrupt file, other model or strategy, or a world layout
+            the strategy cannot be re-sharded to.
+    """
+    from mpi4py import MPI
+
+    from daso.checkpoint import check_compatible, resolve_resume
+    from daso.topology import detect_topology
+
+    found = resolve_resume(source, config.checkpoint_folder())
+    if found is None:
+        return None
+    path, checkpoint = found
+    layout = detect_topology(MPI.COMM_WORLD).ranks_per_node
+    exact = check_compatible(checkpoint, path, config.model.name, config.strategy.name, layout)
+    return checkpoint, path, exact
+
+
 def cmd_train(args: argparse.Namespace) -> int:
-    """Load and validate the config and data, then train; every rank runs this."""
+    """Load and validate the config and data, then train; every rank runs this.
+
+    Bad input (config, data path, a batch size the world size cannot feed) raises
+    ConfigError/DataError before any process group or output folder is created.
+    """
     import torch
 
-    from daso.config import load_config
+    from daso.config import check_launch, load_config
     from daso.models import build_model
+    from daso.topology import read_launcher_env
 
     config = load_config(args.config, args.set or [])
     if config.trainer.num_threads:
         torch.set_num_threads(config.trainer.num_threads)
     train_set, val_set = build_datasets(config)
+    check_launch(
+        config,
+        read_launcher_env().world_size,
+        len(train_set),
+        _data_classes(config, train_set),
+    )
     torch.manual_seed(config.trainer.seed)
     model = build_model(
         config.model.name,
         num_classes=config.model.num_classes,
         **({"width": config.model.width} if config.model.name != "mnist_cnn" else {}),
     )
+
+    resume = _checkpoint_to_resume(args.resume, config) if args.resume else None
 
     from daso.trainer import Trainer
 
@@ -105,10 +150,27 @@ def cmd_train(args: argparse.Namespace) -> int:
         torch.nn.functional.cross_entropy,
         config,
     )
+    trainer.stop_at_epoch = args.stop_at_epoch
     try:
+        if resume is not None:
+            trainer.load_checkpoint(*resume)
         history = trainer.fit(train_set, val_set)
-    finally:
-        trainer.close()
+    except BaseException:
+        trainer.close(clean=False)  # peers may be gone: nothing that waits for them
+        raise
+    trainer.close()
+    if trainer.stopped:
+        if trainer.rank == 0:
+            log.warning(
+                "stopped by %s at epoch %d batch %d; checkpoint in %s; exit code %d "
+                "(resume with --resume auto)",
+                trainer.stopped,
+                trainer.epoch,
+                trainer.batch,
+                trainer.checkpoint_dir,
+                EXIT_PREEMPTED,
+            )
+        return EXIT_PREEMPTED
     if trainer.rank == 0 and history:
         last = history[-1]
         log.info(
@@ -204,6 +266,19 @@ def make_parser() -> argparse.ArgumentParser:
         metavar="KEY=VALUE",
         help="override a config key, e.g. --set strategy.max_global_skips=4 (repeatable)",
     )
+    train.add_argument(
+        "--resume",
+        metavar="PATH|auto",
+        help="continue from a checkpoint file, or 'auto': the newest valid one in the run's "
+        "checkpoint folder (damaged ones are skipped; none yet = start from scratch)",
+    )
+    train.add_argument(
+        "--stop-at-epoch",
+        type=int,
+        metavar="N",
+        help="stop after N epochs in all (checkpoint, exit code 75), e.g. to fit a job's time "
+        "limit; --resume auto continues",
+    )
     train.set_defaults(func=cmd_train)
     info = sub.add_parser("info", help="print the detected topology of every rank")
     info.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
@@ -246,14 +321,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``daso`` console script; returns the exit code."""
     args = make_parser().parse_args(argv)
     from daso.emulate import EmulationUnavailable
-    from daso.errors import ConfigError, DataError, TopologyError
+    from daso.errors import CheckpointError, ConfigError, DataError, TopologyError
     from daso.log import configure_logging
 
     rank = _launcher_rank()
     configure_logging(rank)
     try:
         return args.func(args)
-    except (ConfigError, DataError, TopologyError, EmulationUnavailable) as err:
+    except (ConfigError, DataError, TopologyError, CheckpointError, EmulationUnavailable) as err:
         # Every rank reads the same input and fails the same way: rank 0 says it once.
         if rank == 0:
             log.error("%s", err)

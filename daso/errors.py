@@ -25,3 +25,16 @@ class DataError(DasoError, ValueError):
 
 class CommTimeoutError(DasoError, TimeoutError):
     """A collective did not complete within its configured timeout (a peer rank died or hangs)."""
+
+
+class CheckpointError(DasoError, ValueError):
+    """A checkpoint is missing, corrupt, or does not fit this run (model, strategy, world size)."""
+
+
+class NumericalError(DasoError, FloatingPointError):
+    """A loss or gradient became NaN or Inf and the config says to stop (``nan_policy: stop``)."""
+
+
+class PeerFailureError(DasoError, RuntimeError):
+    """A collective failed or timed out because a peer rank died or hangs; the message names
+    the operation and the ranks whose heartbeats stopped."""

@@ -371,6 +371,8 @@ class ProcessGroups:
         cross_comm: mpi4py communicator ``C_i`` for this rank's local rank ``i``, or ``None`` if
             this rank takes no part in cross-node traffic (``i >= min_n L_n``).
         device: the ``torch.device`` tensors live on.
+        store_address: ``(host, port)`` of the rendezvous ``TCPStore`` (heartbeats use it), or
+            ``None`` if ``torch.distributed`` was initialised by the caller.
     """
 
     topology: Topology
@@ -379,6 +381,7 @@ class ProcessGroups:
     node_group: Any
     cross_comm: Any
     device: Any
+    store_address: tuple[str, int] | None = None
 
 
 def _rendezvous_store(
@@ -467,11 +470,14 @@ def init_distributed(
     else:
         torch_device = torch.device("cpu")
         backend = "gloo"
+    store_address = None
     if not dist.is_initialized():
         timeout = datetime.timedelta(seconds=timeout_seconds)
+        store = _rendezvous_store(topo, env, comm, timeout)
+        store_address = (store.host, store.port)
         dist.init_process_group(
             backend,
-            store=_rendezvous_store(topo, env, comm, timeout),
+            store=store,
             rank=topo.rank,
             world_size=topo.world_size,
             timeout=timeout,
@@ -485,7 +491,9 @@ def init_distributed(
         split = comm.Split(color, key=topo.node_rank)
         cross_comm = split if in_cross else None
     log.debug("%s backend=%s", topo.describe(), backend)
-    return ProcessGroups(topo, backend, dist.group.WORLD, node_group, cross_comm, torch_device)
+    return ProcessGroups(
+        topo, backend, dist.group.WORLD, node_group, cross_comm, torch_device, store_address
+    )
 
 
 def shutdown_distributed() -> None:

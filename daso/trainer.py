@@ -21,18 +21,27 @@ Example (run under ``mpiexec -n 4`` with ``DASO_RANKS_PER_NODE=2``, or as one pr
 from __future__ import annotations
 
 import contextlib
+import datetime
+import itertools
 import json
 import logging
+import math
+import signal
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
-from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
+import torch.distributed as dist
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler, Subset
 from tqdm import tqdm
 
+from daso import checkpoint as ckpt
 from daso.comm import allreduce_sum, broadcast_tensors, model_state_tensors, unwrap
+from daso.comm.control import Heartbeat, StopVote
+from daso.errors import CheckpointError, CommTimeoutError, PeerFailureError
+from daso.faults import NonFiniteGuard, PreemptionSignals, describe_peer_failure
 from daso.log import configure_logging
 from daso.strategies import build_strategy
 from daso.topology import ProcessGroups, init_distributed, shutdown_distributed
@@ -65,6 +74,41 @@ def scheduler_from_config(
     if optim.scheduler == "multistep":
         return lr.MultiStepLR(optimizer, milestones=list(optim.milestones), gamma=optim.gamma)
     return None
+
+
+class ResumableSampler(Sampler[int]):
+    """A :class:`DistributedSampler`'s order for the epoch, optionally from ``start`` samples in
+    (a mid-epoch resume skips the samples already trained on without loading them)."""
+
+    def __init__(self, sampler: DistributedSampler) -> None:
+        self.sampler = sampler
+        self.start = 0
+
+    def set_epoch(self, epoch: int, start: int = 0) -> None:
+        self.sampler.set_epoch(epoch)
+        self.start = start
+
+    def __iter__(self) -> Iterator[int]:
+        return itertools.islice(iter(self.sampler), self.start, None)
+
+    def __len__(self) -> int:
+        return max(len(self.sampler) - self.start, 0)
+
+
+def _signal_name(signum: int) -> str:
+    """``"SIGTERM"`` for 15; a vote from another rank whose signal this rank did not see."""
+    return signal.Signals(signum).name if signum else "a signal on another rank"
+
+
+def _empty_partial() -> dict[str, float]:
+    """This rank's running totals of an epoch in progress."""
+    return {
+        "loss_sum": 0.0,
+        "samples": 0,
+        "cross_node_bytes": 0,
+        "comm_wait_seconds": 0.0,
+        "skipped_steps": 0,
+    }
 
 
 class Trainer:
@@ -137,6 +181,26 @@ class Trainer:
         self.history: list[dict[str, Any]] = []
         self.output_dir = Path(tcfg.output_dir or "runs/default")
         self.metrics_path = self.output_dir / "metrics.jsonl"
+        self.checkpoint_dir = config.checkpoint_folder()
+        self.batch = 0  # batches of ``self.epoch`` already trained (after a mid-epoch resume)
+        self.partial = _empty_partial()
+        self.guard = NonFiniteGuard(tcfg.nan_policy, self.device, self.rank)
+        self.stopped: str | None = None  # why the run stopped before its last epoch
+        self.stop_at_epoch: int | None = None  # stop (with a checkpoint) after this many epochs
+        self._resumed_rng: dict[str, Any] | None = None
+        self._resumed = False
+        self._stop_requested = False
+        self._operation = "setup"
+        multi = self.topology.world_size > 1
+        control = None
+        if multi:
+            timeout = datetime.timedelta(seconds=tcfg.timeout_seconds)
+            control = dist.new_group(backend="gloo", timeout=timeout)
+        self.stop_vote = StopVote(control, tcfg.timeout_seconds)
+        address = self.groups.store_address
+        self.heartbeat = (
+            Heartbeat(*address, self.rank, self.topology.world_size) if multi and address else None
+        )
 
     # -- data ----------------------------------------------------------------------------------
     def _train_loader(self, dataset: Dataset) -> DataLoader:
@@ -157,7 +221,7 @@ class Trainer:
         return DataLoader(
             dataset,
             batch_size=self.config.data.batch_size,
-            sampler=sampler,
+            sampler=ResumableSampler(sampler),
             num_workers=self.config.data.num_workers,
             pin_memory=self.device.type == "cuda",
         )
@@ -180,97 +244,203 @@ class Trainer:
     def fit(
         self, train_dataset: Dataset, val_dataset: Dataset | None = None
     ) -> list[dict[str, Any]]:
-        """Train for ``config.trainer.epochs`` epochs; evaluate after each if ``val_dataset``.
+        """Train until ``config.trainer.epochs`` epochs are done; evaluate after each if
+        ``val_dataset``. After :meth:`resume`, continues where the checkpoint stopped; with
+        :attr:`stop_at_epoch` set, stops (after a checkpoint) once that many epochs are done.
 
         Every rank must call it with the same datasets (each reads its own shard). Samples are
-        ``(input, target)`` pairs; batches are moved to the trainer's device.
+        ``(input, target)`` pairs; batches are moved to the trainer's device. Checkpoints are
+        written as the ``checkpoint`` config section says; SIGTERM or SIGUSR1 on any rank makes
+        all ranks stop after the same batch, write a checkpoint and return early with
+        :attr:`stopped` saying why.
 
         Returns:
             One dict per epoch (also appended by rank 0 to ``<output_dir>/metrics.jsonl``):
             ``epoch``, ``train_loss``, ``val_loss``, ``val_accuracy`` (fraction in [0, 1]),
             ``global_skips``, ``local_skips``, ``batches_to_wait``, ``cross_node_bytes``
             (bytes handed to cross-node collectives this epoch, summed over ranks),
-            ``comm_wait_seconds`` (mean over ranks), ``train_seconds`` (the epoch's training
-            loop, without evaluation), ``epoch_seconds``, ``wall_seconds``
-            (since ``fit`` started), ``lr``, ``strategy``.
+            ``comm_wait_seconds`` (mean over ranks), ``skipped_steps`` (non-finite steps
+            skipped, summed over ranks), ``train_seconds`` (the epoch's training loop, without
+            evaluation), ``epoch_seconds``, ``wall_seconds`` (since the run first started),
+            ``lr``, ``strategy``.
 
         Raises:
             ValueError: fewer training samples than ranks.
-            CommTimeoutError: a peer stopped answering during a cross-node sync.
+            NumericalError: a NaN/Inf loss or gradient with ``trainer.nan_policy: stop``.
+            PeerFailureError: a collective failed or timed out because a rank died or hangs.
+            CheckpointError: rank 0 could not write a checkpoint.
         """
         loader = self._train_loader(train_dataset)
         val_loader = self._val_loader(val_dataset) if val_dataset is not None else None
         if self.rank == 0:
             self.output_dir.mkdir(parents=True, exist_ok=True)
-        torch.manual_seed(self.config.trainer.seed + 1000 + self.rank)  # augmentation, dropout
-        start = time.perf_counter()
-        for epoch in range(self.epoch, self.config.trainer.epochs):
-            begin = time.perf_counter()
-            train_loss, metrics = self._train_epoch(epoch, loader)
-            row: dict[str, Any] = {
-                "epoch": epoch,
-                "train_loss": train_loss,
-                "train_seconds": time.perf_counter() - begin,
-            }
-            if val_loader is not None:
-                row["val_loss"], row["val_accuracy"] = self._evaluate(val_loader)
-            else:
-                row["val_loss"] = row["val_accuracy"] = None
-            row.update(metrics)
-            row["lr"] = self.optimizer.param_groups[0]["lr"]
-            if self.lr_scheduler is not None:
-                self.lr_scheduler.step()
-            row["epoch_seconds"] = time.perf_counter() - begin
-            row["wall_seconds"] = time.perf_counter() - start
-            row["strategy"] = self.strategy.name
-            self.epoch = epoch + 1
-            self.history.append(row)
-            self._report(row)
+        if not self._resumed:
+            torch.manual_seed(self.config.trainer.seed + 1000 + self.rank)  # augment, dropout
+        done = self.history[-1]["wall_seconds"] if self.history else 0.0
+        start = time.perf_counter() - done
+        with PreemptionSignals() as signals:
+            try:
+                while self.epoch < self.config.trainer.epochs and not self.stopped:
+                    self._run_epoch(loader, val_loader, start, signals)
+            except (dist.DistError, CommTimeoutError) as err:
+                message = describe_peer_failure(self.rank, self._operation, err, self.heartbeat)
+                raise PeerFailureError(message) from err
         return self.history
 
-    def _train_epoch(self, epoch: int, loader: DataLoader) -> tuple[float, dict[str, Any]]:
-        loader.sampler.set_epoch(epoch)
+    def _run_epoch(
+        self,
+        loader: DataLoader,
+        val_loader: DataLoader | None,
+        start: float,
+        signals: PreemptionSignals,
+    ) -> None:
+        epoch = self.epoch
+        begin = time.perf_counter()
+        if not self._train_epoch(epoch, loader, signals):
+            self.stopped = _signal_name(signals.received)
+            self.save_checkpoint()
+            return
+        train_loss, metrics = self._close_epoch(epoch)
+        row: dict[str, Any] = {
+            "epoch": epoch,
+            "train_loss": train_loss,
+            "train_seconds": time.perf_counter() - begin,
+        }
+        self._operation = f"epoch {epoch}: validation"
+        if val_loader is not None:
+            row["val_loss"], row["val_accuracy"] = self._evaluate(val_loader)
+        else:
+            row["val_loss"] = row["val_accuracy"] = None
+        row.update(metrics)
+        row["lr"] = self.optimizer.param_groups[0]["lr"]
+        if self.lr_scheduler is not None:
+            self.lr_scheduler.step()
+        row["epoch_seconds"] = time.perf_counter() - begin
+        row["wall_seconds"] = time.perf_counter() - start
+        row["strategy"] = self.strategy.name
+        self.epoch, self.batch = epoch + 1, 0
+        self.history.append(row)
+        self._report(row)
+        self._operation = f"epoch {epoch}: stop vote"
+        stop = bool(self.stop_vote.finish()) or self._stop_requested
+        self._stop_requested = False
+        if stop:
+            self.stopped = _signal_name(signals.received)
+        elif self.stop_at_epoch is not None and self.epoch >= self.stop_at_epoch:
+            self.stopped = f"stop_at_epoch={self.stop_at_epoch}"
+        every = self.config.checkpoint.every_epochs
+        due = every and self.epoch % every == 0
+        if due or self.stopped or self.epoch == self.config.trainer.epochs:
+            self.save_checkpoint()
+
+    def _num_batches(self, loader: DataLoader) -> int:
+        return math.ceil(len(loader.sampler.sampler) / self.config.data.batch_size)
+
+    def _train_epoch(self, epoch: int, loader: DataLoader, signals: PreemptionSignals) -> bool:
+        """Train (the rest of) ``epoch``; ``False`` if all ranks agreed to stop before its end."""
+        batch_size = self.config.data.batch_size
+        loader.sampler.set_epoch(epoch, start=self.batch * batch_size)
         self.model.train()
-        num_batches = len(loader)
+        num_batches = self._num_batches(loader)
         self.strategy.begin_epoch(epoch, num_batches)
-        loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
-        samples = 0
-        clip = self.config.trainer.grad_clip_norm
+        batches = iter(loader)  # draws the loader's base seed: before the RNG is restored
+        if self._resumed_rng is not None:
+            ckpt.restore_rng_state(self._resumed_rng)
+            self._resumed_rng = None
+        loss_sum = torch.tensor(self.partial["loss_sum"], dtype=torch.float64, device=self.device)
+        every = self.config.checkpoint.every_batches
         bar = tqdm(
             total=num_batches,
+            initial=self.batch,
             desc=f"epoch {epoch}",
             leave=False,
             dynamic_ncols=True,
             disable=self.rank != 0 or not self.config.trainer.progress,
         )
-        for batch, (inputs, targets) in enumerate(loader):
-            inputs = inputs.to(self.device, non_blocking=True)
-            targets = targets.to(self.device, non_blocking=True)
-            self.optimizer.zero_grad()  # set_to_none by default; Horovod's takes no argument
-            with self.strategy.sync_context(batch):
-                with self._autocast():
-                    loss = self.loss_fn(self.model(inputs), targets)
-                self.scaler.scale(loss).backward()
-            self.strategy.after_backward(batch)
-            if clip is not None:
-                self.scaler.unscale_(self.optimizer)
-                torch.nn.utils.clip_grad_norm_(self.module.parameters(), clip)
+        for batch, (inputs, targets) in enumerate(batches, start=self.batch):
+            loss = self._train_step(epoch, batch, inputs, targets)
+            if loss is not None:
+                loss_sum += loss.detach().double() * len(targets)
+                self.partial["samples"] += len(targets)
+            self.batch = batch + 1
+            bar.update()
+            self._operation = f"epoch {epoch} batch {batch}: stop vote"
+            if self.stop_vote.exchange(1 if signals.received else 0):
+                self._stop_requested = True
+            if self.batch == num_batches:
+                break
+            if self._stop_requested or (every and self.batch % every == 0):
+                self.partial["loss_sum"] = loss_sum.item()
+                if self._stop_requested:
+                    bar.close()
+                    return False
+                self.save_checkpoint()
+        bar.close()
+        self.partial["loss_sum"] = loss_sum.item()
+        return True
+
+    def _train_step(
+        self, epoch: int, batch: int, inputs: torch.Tensor, targets: torch.Tensor
+    ) -> torch.Tensor | None:
+        """One batch; its loss, or ``None`` if the step was skipped as non-finite
+        (``nan_policy: skip``)."""
+        where = f"epoch {epoch} batch {batch}"
+        inputs = inputs.to(self.device, non_blocking=True)
+        targets = targets.to(self.device, non_blocking=True)
+        self.optimizer.zero_grad()  # set_to_none by default; Horovod's takes no argument
+        self._operation = f"{where}: forward/backward with node-local gradient averaging"
+        with self.strategy.sync_context(batch):
+            with self._autocast():
+                loss = self.loss_fn(self.model(inputs), targets)
+            self.scaler.scale(loss).backward()
+        self._operation = f"{where}: gradient communication ({self.strategy.name})"
+        self.strategy.after_backward(batch)
+        norm = None
+        clip = self.config.trainer.grad_clip_norm
+        if clip is not None:
+            self.scaler.unscale_(self.optimizer)
+            norm = torch.nn.utils.clip_grad_norm_(self.module.parameters(), clip)
+        if self.scaler.is_enabled():  # overflowing fp16 gradients are GradScaler's to skip
+            norm = loss.new_zeros(())
+        bad = self.guard.nonfinite(loss, self.module.parameters(), norm)
+        skip = self.guard.should_skip(bad, epoch, batch)
+        if skip:
+            self.partial["skipped_steps"] += 1
+        else:
             with self.strategy.step_context():
                 self.scaler.step(self.optimizer)
             self.scaler.update()
-            self.strategy.after_step(batch)
-            loss_sum += loss.detach().double() * len(targets)
-            samples += len(targets)
-            bar.update()
-        bar.close()
+        self._operation = f"{where}: cross-node synchronisation ({self.strategy.name})"
+        self.strategy.after_step(batch)
+        return None if skip else loss
+
+    def _take_partial_metrics(self) -> dict[str, Any]:
+        """Fold the strategy's counters so far into :attr:`partial` (they reset on read)."""
         metrics = self.strategy.epoch_metrics()
-        total_loss, total_samples, sent, waited = allreduce_sum(
-            [loss_sum.item(), samples, metrics["cross_node_bytes"], metrics["comm_wait_seconds"]],
+        self.partial["cross_node_bytes"] += metrics["cross_node_bytes"]
+        self.partial["comm_wait_seconds"] += metrics["comm_wait_seconds"]
+        return metrics
+
+    def _close_epoch(self, epoch: int) -> tuple[float, dict[str, Any]]:
+        self._operation = f"epoch {epoch}: end-of-epoch metrics allreduce"
+        self.guard.check()
+        metrics = self._take_partial_metrics()
+        part = self.partial
+        totals = allreduce_sum(
+            [
+                part["loss_sum"],
+                part["samples"],
+                part["cross_node_bytes"],
+                part["comm_wait_seconds"],
+                part["skipped_steps"],
+            ],
             self.device,
         )
-        train_loss = total_loss / max(total_samples, 1)
-        metrics["cross_node_bytes"] = int(sent)
-        metrics["comm_wait_seconds"] = waited / self.topology.world_size
+        train_loss = totals[0] / max(totals[1], 1)
+        metrics["cross_node_bytes"] = int(totals[2])
+        metrics["comm_wait_seconds"] = totals[3] / self.topology.world_size
+        metrics["skipped_steps"] = int(totals[4])
+        self.partial = _empty_partial()
         self.strategy.end_epoch(epoch, train_loss)
         return train_loss, metrics
 
@@ -321,30 +491,141 @@ class Trainer:
         with self.metrics_path.open("a") as handle:
             handle.write(json.dumps(row) + "\n")
 
-    def state_dict(self) -> dict[str, Any]:
-        """Model, optimizer, LR scheduler, GradScaler, strategy state and the epoch counter."""
-        return {
+    # -- checkpoints ---------------------------------------------------------------------------
+    def _model_signature(self) -> list[tuple[str, list[int]]]:
+        return [(k, list(v.shape)) for k, v in unwrap(self.model).state_dict().items()]
+
+    def save_checkpoint(self) -> Path:
+        """Collective (every rank calls it at the same point): write a checkpoint of the run as
+        it stands, ``<checkpoint dir>/ckpt-e<epoch>-b<batch>.pt``, keeping the newest
+        ``checkpoint.keep`` (see :mod:`daso.checkpoint` for what it holds and how it is written).
+
+        Returns:
+            The checkpoint's path.
+
+        Raises:
+            NumericalError: a deferred NaN/Inf check fails (nothing is written).
+            CheckpointError: rank 0 could not write the file (older checkpoints are intact).
+        """
+        self._operation = f"checkpoint at epoch {self.epoch} batch {self.batch}"
+        self.guard.check()
+        if self.batch:
+            self._take_partial_metrics()
+        path = self.checkpoint_dir / ckpt.checkpoint_name(self.epoch, self.batch)
+        meta = {
+            "model": self.config.model.name,
+            "strategy": self.strategy.name,
+            "world_size": self.topology.world_size,
+            "layout": self.topology.ranks_per_node,
             "epoch": self.epoch,
-            "model": unwrap(self.model).state_dict(),
-            "optimizer": self.optimizer.state_dict(),
+            "batch": self.batch,
+            "model_signature": self._model_signature(),
+        }
+        shared = {
+            "history": self.history,
             "lr_scheduler": self.lr_scheduler.state_dict() if self.lr_scheduler else None,
             "scaler": self.scaler.state_dict(),
+            "config": self.config.model_dump(mode="json"),
+        }
+        own = {
+            "model": unwrap(self.model).state_dict(),
+            "optimizer": self.optimizer.state_dict(),
             "strategy": self.strategy.state_dict(),
         }
+        extra = {"rng": ckpt.capture_rng_state(), "partial": dict(self.partial)}
+        ckpt.gather_and_save(
+            path, meta, shared, own, extra, self.config.checkpoint.keep, self.groups.world_group
+        )
+        return path
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore from :meth:`state_dict` (on every rank)."""
-        self.epoch = int(state["epoch"])
+    def resume(self, source: str | Path = "auto") -> Path | None:
+        """Load the checkpoint at ``source``, or with ``"auto"`` the newest valid one in the
+        checkpoint folder (damaged ones are skipped with a warning). Call on every rank before
+        :meth:`fit`.
+
+        Returns:
+            The checkpoint loaded, or ``None`` for ``"auto"`` when there is none yet.
+
+        Raises:
+            CheckpointError: a missing or corrupt file (``source`` a path), or a checkpoint of
+                another model, strategy or an incompatible world size.
+        """
+        found = ckpt.resolve_resume(source, self.checkpoint_dir)
+        if found is None:
+            return None
+        path, checkpoint = found
+        exact = ckpt.check_compatible(
+            checkpoint,
+            path,
+            self.config.model.name,
+            self.strategy.name,
+            self.topology.ranks_per_node,
+        )
+        self.load_checkpoint(checkpoint, path, exact)
+        return path
+
+    def load_checkpoint(self, checkpoint: dict[str, Any], source: Path, exact: bool) -> None:
+        """Restore a checkpoint read by :func:`daso.checkpoint.read_checkpoint`.
+
+        Args:
+            checkpoint: the checkpoint's payload.
+            source: its path (for messages).
+            exact: this rank's own state and RNG stream are restored (same layout); else
+                rank 0's state is loaded everywhere and the RNG is re-seeded (a re-shard).
+
+        Raises:
+            CheckpointError: the checkpoint's model has other parameter names or shapes.
+        """
+        meta = checkpoint["meta"]
+        if [tuple(s) for s in meta["model_signature"]] != [
+            (k, v) for k, v in self._model_signature()
+        ]:
+            raise CheckpointError(
+                f"checkpoint {source} holds a model with other parameters (names or shapes) "
+                "than this run's; resume with the same model and model.width, or start fresh"
+            )
+        state = ckpt.rank_state(checkpoint, self.rank if exact else 0, self.device)
         unwrap(self.model).load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
-        if self.lr_scheduler is not None and state["lr_scheduler"] is not None:
-            self.lr_scheduler.load_state_dict(state["lr_scheduler"])
-        self.scaler.load_state_dict(state["scaler"])
         self.strategy.load_state_dict(state["strategy"])
+        shared = checkpoint["shared"]
+        if self.lr_scheduler is not None and shared["lr_scheduler"] is not None:
+            self.lr_scheduler.load_state_dict(shared["lr_scheduler"])
+        self.scaler.load_state_dict(shared["scaler"])
+        self.history = list(shared["history"])
+        self.epoch, self.batch = int(meta["epoch"]), int(meta["batch"])
+        if exact:
+            extra = ckpt.rank_extra(checkpoint, self.rank)
+            self.partial = dict(extra["partial"])
+            self._resumed_rng = extra["rng"]
+        else:
+            log.warning(
+                "%s was written on nodes %s; resharding to %s: RNG streams restart from the seed",
+                source,
+                list(meta["layout"]),
+                self.topology.ranks_per_node,
+            )
+            torch.manual_seed(self.config.trainer.seed + 1000 + self.rank + 7919 * self.epoch)
+        self._resumed = True
+        if self.rank == 0:
+            self.output_dir.mkdir(parents=True, exist_ok=True)
+            rows = "".join(json.dumps(row) + "\n" for row in self.history)
+            self.metrics_path.write_text(rows)
+        log.info("resumed from %s: epoch %d, batch %d", source, self.epoch, self.batch)
 
-    def close(self) -> None:
-        """Stop the strategy's communication threads; leave ``torch.distributed`` if the
-        trainer joined it (that is, no ``groups`` were passed in)."""
+    def close(self, clean: bool = True) -> None:
+        """Stop the strategy's communication threads and the heartbeat; leave
+        ``torch.distributed`` if the trainer joined it (that is, no ``groups`` were passed in).
+
+        Args:
+            clean: ``False`` after a failure: skip everything that waits for other ranks (they
+                may be gone); the process should then exit (the CLI aborts the MPI job).
+        """
+        if self.heartbeat is not None:
+            self.heartbeat.close()
+        if not clean:
+            return
+        self.stop_vote.finish()
         self.strategy.close()
         if self.owns_groups:
             shutdown_distributed()

@@ -102,6 +102,7 @@ class DASOStrategy(Strategy):
         self.sync_optimizer_state = sync_optimizer_state
         self.poll_interval = poll_interval_seconds
         self.pending: tuple[int, int] | None = None  # (batch sent, sender local rank)
+        self._received: torch.Tensor | None = None  # a sum waited for by a mid-epoch checkpoint
         self.averager: CrossNodeAverager | None = None
         self._epoch_state: FlatBuffer | None = None
         self.counters = EpochCounters()
@@ -157,7 +158,8 @@ class DASOStrategy(Strategy):
         if averager.is_sender(sender):
             local = averager.state.pack()
             if averager.cross is not None:
-                summed = averager.cross.wait()
+                summed = self._received if self._received is not None else averager.cross.wait()
+                self._received = None
                 merge_stale_sum(local, summed, batches_waited, self.topology.num_nodes)
         averager.broadcast_from(sender)
 
@@ -189,12 +191,29 @@ class DASOStrategy(Strategy):
         self.schedule.end_epoch(loss)
 
     def state_dict(self) -> dict[str, Any]:
-        assert self.pending is None, "an epoch always ends with its sync merged"
-        return {"schedule": self.schedule.state_dict(), "sender": self.averager.sender}
+        """Schedule (with its plateau detector), sender rotation and, between batches of an
+        epoch, the sync in flight: it is completed here and its sum kept, to be merged at the
+        batch it was due (merging it early would change the run, so resume would not be exact).
+        """
+        state: dict[str, Any] = {
+            "schedule": self.schedule.state_dict(),
+            "sender": self.averager.sender,
+            "pending": list(self.pending) if self.pending is not None else None,
+        }
+        averager = self.averager
+        if self.pending is not None and averager.is_sender(self.pending[1]) and averager.cross:
+            if self._received is None:
+                self._received = averager.cross.wait().clone()
+            state["received"] = self._received
+        return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.schedule.load_state_dict(state["schedule"])
         self.averager.sender = int(state["sender"])
+        pending = state.get("pending")
+        self.pending = (int(pending[0]), int(pending[1])) if pending is not None else None
+        received = state.get("received")
+        self._received = received.to(self.groups.device) if received is not None else None
 
     def close(self) -> None:
         if self.averager is not None:

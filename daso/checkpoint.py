@@ -1,0 +1,331 @@
+"""Checkpoint files: one per save, written by rank 0, atomic, checksummed, pruned to ``keep``.
+
+A checkpoint holds what an exact resume needs from *every* rank, because ranks do not always
+agree: DASO's nodes differ between global syncs, EASGD's workers always do, and each rank has its
+own RNG stream. Each rank serialises its own state (model, optimizer, strategy); rank 0 gathers
+one copy of each distinct state (ranks whose bytes are equal, e.g. all ranks of ``ddp``, share
+one copy, found by SHA-256 digest before anything large moves) plus every rank's small
+per-rank extras (RNG states, partial-epoch counters).
+
+File format (``ckpt-e<epoch>-b<batch>.pt``): the line ``DASO-CHECKPOINT 1``, the SHA-256 hex
+digest of the payload, a newline, then the payload, a :func:`torch.save` archive of::
+
+    {"meta": {...}, "shared": {...}, "states": [bytes, ...], "rank_state": [int] * world,
+     "rank_extra": [bytes] * world}
+
+``meta`` names the model, strategy, world size, node layout, epoch and batch; ``shared`` holds
+what is equal on all ranks (LR scheduler, GradScaler, trainer counters, the config). The file is
+written to a temporary name in the same folder, flushed, fsynced and renamed, so a reader sees
+either the whole file or none of it; the checksum catches later damage.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import logging
+import os
+import random
+import re
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from daso.errors import CheckpointError
+
+log = logging.getLogger(__name__)
+
+MAGIC = b"DASO-CHECKPOINT 1\n"
+DIGEST_BYTES = 64  # SHA-256 as hex
+NAME = re.compile(r"^ckpt-e(\d+)-b(\d+)\.pt$")
+
+
+def checkpoint_name(epoch: int, batch: int) -> str:
+    """File name of the checkpoint taken after ``batch`` batches of ``epoch`` (0 = its start)."""
+    return f"ckpt-e{epoch:05d}-b{batch:07d}.pt"
+
+
+def serialize(obj: Any) -> bytes:
+    """``obj`` as :func:`torch.save` bytes (tensors moved to the CPU first)."""
+    buffer = io.BytesIO()
+    torch.save(_to_cpu(obj), buffer)
+    return buffer.getvalue()
+
+
+def deserialize(data: bytes, device: torch.device | str = "cpu") -> Any:
+    """Inverse of :func:`serialize`; tensors land on ``device``. Only plain data is unpickled
+    (``weights_only``), so a checkpoint cannot run code."""
+    return torch.load(io.BytesIO(data), map_location=device, weights_only=True)
+
+
+def _to_cpu(obj: Any) -> Any:
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().cpu()
+    if isinstance(obj, dict):
+        return type(obj)((k, _to_cpu(v)) for k, v in obj.items())
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_to_cpu(v) for v in obj)
+    return obj
+
+
+def capture_rng_state() -> dict[str, Any]:
+    """This process's RNG states: torch CPU, every CUDA device (if any) and Python's ``random``."""
+    state: dict[str, Any] = {"torch": torch.get_rng_state(), "python": random.getstate()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def restore_rng_state(state: dict[str, Any]) -> None:
+    """Inverse of :func:`capture_rng_state`."""
+    torch.set_rng_state(state["torch"].cpu())
+    random.setstate(_as_tuple(state["python"]))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda"]])
+
+
+def _as_tuple(value: Any) -> Any:
+    return tuple(_as_tuple(v) for v in value) if isinstance(value, (list, tuple)) else value
+
+
+# -- writing --------------------------------------------------------------------------------------
+def write_atomic(path: Path, payload: bytes) -> None:
+    """Write ``MAGIC + sha256(payload) + payload`` to ``path`` so that it appears whole or not
+    at all: temporary file in the same folder, flush, fsync, rename, fsync of the folder.
+
+    Raises:
+        OSError: the folder is not writable or the disk is full (the temporary file is removed;
+            an existing ``path`` is left untouched).
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    digest = hashlib.sha256(payload).hexdigest().encode()
+    try:
+        with open(tmp, "wb") as handle:
+            handle.write(MAGIC + digest + b"\n")
+            handle.write(payload)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    folder = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(folder)
+    finally:
+        os.close(folder)
+
+
+def list_checkpoints(folder: str | os.PathLike[str]) -> list[Path]:
+    """Checkpoint files in ``folder``, newest (highest epoch, then batch) first."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    found = [(NAME.match(p.name), p) for p in folder.iterdir()]
+    ranked = [((int(m[1]), int(m[2])), p) for m, p in found if m]
+    return [p for _, p in sorted(ranked, reverse=True)]
+
+
+def prune(folder: Path, keep: int) -> None:
+    """Delete all but the newest ``keep`` checkpoints in ``folder``."""
+    for old in list_checkpoints(folder)[keep:]:
+        old.unlink(missing_ok=True)
+
+
+def gather_and_save(
+    path: Path,
+    meta: dict[str, Any],
+    shared: dict[str, Any],
+    rank_state: dict[str, Any],
+    rank_extra: dict[str, Any],
+    keep: int,
+    group: dist.ProcessGroup | None = None,
+) -> None:
+    """Collective over ``group`` (all ranks): gather every rank's state to rank 0 and write it.
+
+    Args:
+        path: the checkpoint file to create (rank 0 writes it).
+        meta: identification of the run (rank 0's is stored).
+        shared: state equal on all ranks (rank 0's is stored).
+        rank_state: this rank's own state (model, optimizer, strategy, ...); ranks with equal
+            bytes are stored once.
+        rank_extra: this rank's small own data (RNG states, counters), stored per rank.
+        keep: newest checkpoints kept in ``path``'s folder after the write.
+        group: the world process group (``None``: the default group; without
+            ``torch.distributed``, a single process).
+
+    Raises:
+        CheckpointError: on every rank, if rank 0 could not write the file (the message holds
+            rank 0's error); the previous checkpoints are intact.
+    """
+    extra = serialize(rank_extra)
+    state_blob = serialize(rank_state)
+    digest = hashlib.sha256(state_blob).hexdigest()
+    if not dist.is_initialized():
+        _write(path, meta, shared, [state_blob], [0], [extra], keep)
+        return
+    world = dist.get_world_size(group)
+    rank = dist.get_rank(group)
+    digests: list[Any] = [None] * world
+    dist.all_gather_object(digests, (digest, extra), group=group)
+    owners: dict[str, int] = {}
+    for r, (d, _) in enumerate(digests):
+        owners.setdefault(d, r)
+    mine = state_blob if owners[digest] == rank else None
+    blobs: list[Any] = [None] * world if rank == 0 else None
+    dist.gather_object(mine, blobs, dst=0, group=group)
+    error = [None]
+    if rank == 0:
+        order = list(owners)
+        states = [blobs[owners[d]] for d in order]
+        index = [order.index(d) for d, _ in digests]
+        try:
+            _write(path, meta, shared, states, index, [r for _, r in digests], keep)
+        except OSError as err:
+            error[0] = f"rank 0 could not write checkpoint {path}: {err}"
+    dist.broadcast_object_list(error, src=0, group=group)
+    if error[0] is not None:
+        raise CheckpointError(error[0])
+
+
+def _write(
+    path: Path,
+    meta: dict[str, Any],
+    shared: dict[str, Any],
+    states: list[bytes],
+    index: list[int],
+    extras: list[bytes],
+    keep: int,
+) -> None:
+    payload = serialize(
+        {
+            "meta": meta,
+            "shared": shared,
+            "states": states,
+            "rank_state": index,
+            "rank_extra": extras,
+        }
+    )
+    write_atomic(path, payload)
+    prune(path.parent, keep)
+    log.info(
+        "checkpoint %s written (%.1f MB, %d distinct rank states)",
+        path,
+        len(payload) / 1e6,
+        len(states),
+    )
+
+
+# -- reading --------------------------------------------------------------------------------------
+def read_checkpoint(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """Read and verify a checkpoint file.
+
+    Returns:
+        The payload dict (``meta``, ``shared``, ``states``, ``rank_state``, ``rank_extra``);
+        rank states are still bytes (see :func:`rank_state`).
+
+    Raises:
+        CheckpointError: the file is missing, is not a daso checkpoint, is truncated or its
+            checksum does not match (a damaged file), naming the path.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {path} does not exist; check the --resume path")
+    data = path.read_bytes()
+    head = len(MAGIC) + DIGEST_BYTES + 1
+    if not data.startswith(MAGIC) or len(data) < head:
+        raise CheckpointError(f"{path} is not a daso checkpoint (bad header)")
+    stored = data[len(MAGIC) : head - 1].decode(errors="replace")
+    payload = data[head:]
+    if hashlib.sha256(payload).hexdigest() != stored:
+        raise CheckpointError(
+            f"checkpoint {path} is corrupt: its SHA-256 checksum does not match its contents "
+            "(a partial copy or damaged disk); resume from an older one, or --resume auto"
+        )
+    try:
+        return deserialize(payload)
+    except Exception as err:  # noqa: BLE001 - a checksummed payload that torch cannot read
+        raise CheckpointError(f"checkpoint {path} cannot be read: {err}") from None
+
+
+def newest_valid(folder: str | os.PathLike[str]) -> tuple[Path, dict[str, Any]] | None:
+    """The newest checkpoint in ``folder`` that passes :func:`read_checkpoint`, skipping (with a
+    warning) damaged ones; ``None`` if there is none."""
+    for path in list_checkpoints(folder):
+        try:
+            return path, read_checkpoint(path)
+        except CheckpointError as err:
+            log.warning("skipping %s; trying the one before", err)
+    return None
+
+
+def resolve_resume(
+    source: str | os.PathLike[str], folder: str | os.PathLike[str]
+) -> tuple[Path, dict[str, Any]] | None:
+    """Resolve ``--resume``: ``"auto"`` is the newest valid checkpoint in ``folder`` (``None``
+    if there is none yet), anything else a checkpoint file, read and verified.
+
+    Raises:
+        CheckpointError: ``source`` is a path to a missing or damaged file.
+    """
+    if str(source) == "auto":
+        found = newest_valid(folder)
+        if found is None:
+            log.info("no checkpoint in %s: starting from scratch", folder)
+        return found
+    return Path(source), read_checkpoint(source)
+
+
+def rank_state(checkpoint: dict[str, Any], rank: int, device: torch.device) -> dict[str, Any]:
+    """Rank ``rank``'s stored state (model, optimizer, strategy, ...) with tensors on ``device``."""
+    return deserialize(checkpoint["states"][checkpoint["rank_state"][rank]], device)
+
+
+def rank_extra(checkpoint: dict[str, Any], rank: int) -> dict[str, Any]:
+    """Rank ``rank``'s small own data (e.g. its RNG state for :func:`restore_rng_state`)."""
+    return deserialize(checkpoint["rank_extra"][rank])
+
+
+def check_compatible(
+    checkpoint: dict[str, Any],
+    source: Path,
+    model: str,
+    strategy: str,
+    layout: Sequence[int],
+) -> bool:
+    """Whether ``checkpoint`` can resume a run of ``model`` with ``strategy`` on ``layout``.
+
+    Args:
+        layout: ranks per node of this run, e.g. ``[2, 2]``.
+
+    Returns:
+        ``True`` if the resume is exact (same layout); ``False`` if the layout differs but every
+        rank's state is equal and the checkpoint is at an epoch boundary, so it can be
+        re-sharded (RNG streams then restart from the seed).
+
+    Raises:
+        CheckpointError: a different model or strategy, or a different layout when the ranks'
+            states differ (the strategy keeps per-node state that cannot be re-sharded).
+    """
+    meta = checkpoint["meta"]
+    if meta["model"] != model or meta["strategy"] != strategy:
+        raise CheckpointError(
+            f"checkpoint {source} was written by model '{meta['model']}' with strategy "
+            f"'{meta['strategy']}', but this run uses model '{model}' with strategy "
+            f"'{strategy}'; resume with the same model and strategy, or start fresh without "
+            "--resume"
+        )
+    if list(meta["layout"]) == list(layout):
+        return True
+    if len(checkpoint["states"]) == 1 and meta["batch"] == 0:
+        return False
+    raise CheckpointError(
+        f"checkpoint {source} was written by {meta['world_size']} ranks on nodes "
+        f"{list(meta['layout'])}; this run has {sum(layout)} ranks on nodes {list(layout)}. "
+        f"Strategy '{strategy}' keeps per-rank state at this point, which cannot be re-sharded: "
+        "launch with the checkpoint's layout"
+    )

@@ -1,0 +1,155 @@
+"""Faults a long run meets: pre-emption signals, NaN/Inf losses and gradients, dead peers.
+
+* :class:`PreemptionSignals` turns SIGTERM/SIGUSR1 (what Slurm sends before a time limit or on
+  ``scancel``) into a flag the trainer votes on, so every rank stops after the same batch.
+* :class:`NonFiniteGuard` checks each step's loss and gradient norm on the device; on a CPU it
+  reads the flag every step (free), on a GPU in ``stop`` mode only at the epoch's end and before
+  a checkpoint (no extra host synchronisation per step). ``skip`` mode must decide before the
+  optimizer step, so it reads one scalar per step, the same read ``torch.amp.GradScaler`` makes.
+* :func:`describe_peer_failure` turns a failed collective into an error naming the operation
+  and the ranks whose heartbeats stopped.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+
+from daso.errors import NumericalError
+
+log = logging.getLogger(__name__)
+
+#: Signals that ask for a checkpoint and a clean stop.
+PREEMPTION_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+
+
+class PreemptionSignals:
+    """While installed, SIGTERM and SIGUSR1 set :attr:`received` instead of killing the process.
+
+    Use as a context manager in the main thread; the previous handlers come back on exit.
+
+    Attributes:
+        received: the signal number received, or 0.
+    """
+
+    def __init__(self) -> None:
+        self.received = 0
+        self._previous: dict[int, Any] = {}
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if not self.received:
+            log.warning(
+                "received %s: finishing the current batch, then checkpoint and exit",
+                signal.Signals(signum).name,
+            )
+        self.received = signum
+
+    def __enter__(self) -> PreemptionSignals:
+        for signum in PREEMPTION_SIGNALS:
+            try:
+                self._previous[signum] = signal.signal(signum, self._handle)
+            except ValueError:  # not the main thread: leave the handlers alone
+                break
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
+        self._previous.clear()
+
+
+class NonFiniteGuard:
+    """Detects NaN/Inf in the loss or the gradients after gradient communication.
+
+    Args:
+        policy: ``"stop"`` (raise :class:`~daso.errors.NumericalError`) or ``"skip"`` (the
+            trainer skips the optimizer step and counts it).
+        device: the training device; on CUDA, ``stop`` mode defers its reads.
+        rank: this rank, for the error message.
+
+    The check runs on the gradients after the strategy's gradient reduction, so every rank
+    that shares that reduction (all ranks for ``ddp``/``hierarchical``/``horovod``, the node's
+    ranks otherwise) sees the same values and takes the same decision.
+    """
+
+    def __init__(self, policy: str, device: torch.device, rank: int) -> None:
+        if policy not in ("stop", "skip"):
+            raise ValueError(f"nan_policy must be 'stop' or 'skip', got {policy!r}")
+        self.policy = policy
+        self.rank = rank
+        self.deferred = policy == "stop" and device.type == "cuda"
+        self._first_bad = torch.full((2,), -1, dtype=torch.int64, device=device)
+        self.skipped_steps = 0
+
+    def nonfinite(
+        self, loss: torch.Tensor, params: Iterable[torch.nn.Parameter], norm: Any = None
+    ) -> torch.Tensor:
+        """Device bool tensor: is ``loss`` or the gradient 2-norm (``norm`` if the caller has
+        it, e.g. from clipping) NaN or Inf? Costs one fused norm; no host synchronisation."""
+        if norm is None:
+            grads = [p.grad for p in params if p.grad is not None]
+            norm = torch.nn.utils.get_total_norm(grads) if grads else loss.new_zeros(())
+        return torch.logical_not(torch.isfinite(loss.detach()) & torch.isfinite(norm))
+
+    def should_skip(self, bad: torch.Tensor, epoch: int, batch: int) -> bool:
+        """Decide this step: ``True`` to skip it (``skip`` mode). In ``stop`` mode raises, or on
+        CUDA records the first bad (epoch, batch) for :meth:`check`.
+
+        Raises:
+            NumericalError: ``stop`` mode and the step is non-finite (read now on CPU).
+        """
+        if self.deferred:
+            marker = torch.tensor([epoch, batch], device=bad.device)
+            unset = self._first_bad[0] < 0
+            self._first_bad.copy_(torch.where(bad & unset, marker, self._first_bad))
+            return False
+        if not bool(bad):
+            return False
+        if self.policy == "stop":
+            self._raise(epoch, batch)
+        self.skipped_steps += 1
+        log.warning(
+            "rank %d: non-finite loss/gradient at epoch %d batch %d: step skipped",
+            self.rank,
+            epoch,
+            batch,
+        )
+        return True
+
+    def check(self) -> None:
+        """Read the deferred flag (CUDA ``stop`` mode): raise if any step was non-finite.
+
+        Raises:
+            NumericalError: naming the first bad epoch and batch on this rank.
+        """
+        if self.deferred:
+            epoch, batch = (int(v) for v in self._first_bad.tolist())
+            if epoch >= 0:
+                self._raise(epoch, batch)
+
+    def _raise(self, epoch: int, batch: int) -> None:
+        raise NumericalError(
+            f"rank {self.rank}: NaN or Inf loss or gradient at epoch {epoch}, batch {batch}. "
+            "Lower optim.lr, set trainer.grad_clip_norm, check the input data, or set "
+            "trainer.nan_policy=skip to skip such steps"
+        )
+
+
+def describe_peer_failure(rank: int, operation: str, error: BaseException, heartbeat: Any) -> str:
+    """Message for a collective that failed or timed out: this rank, the operation, the error,
+    and the ranks whose heartbeats stopped (see :class:`~daso.comm.control.Heartbeat`)."""
+    if heartbeat is None:
+        silent = "peer status unknown (no heartbeat store)"
+    else:
+        ranks = heartbeat.silent_ranks()
+        if ranks is None:
+            silent = "rank 0, which hosts the rendezvous store, stopped answering"
+        elif ranks:
+            silent = f"rank(s) {ranks} stopped answering (no heartbeat)"
+        else:
+            silent = "every rank still has a heartbeat; one may be stuck in another operation"
+    return f"rank {rank}: {operation} failed: {silent}. Cause: {type(error).__name__}: {error}"
