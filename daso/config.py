@@ -32,9 +32,13 @@ WireDtype = Literal["bfloat16", "float16", "float32"]
 
 
 class Section(BaseModel):
-    """A config section: unknown keys are errors; values are checked on assignment too."""
+    """A config section: unknown keys are errors; values are checked on assignment too.
 
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    Floats must be finite: ``.nan`` and ``.inf`` are rejected everywhere (an infinite learning
+    rate, timeout or poll interval is never what a run wants).
+    """
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
 
 class ModelConfig(Section):
@@ -78,7 +82,9 @@ class OptimConfig(Section):
 
 class TrainerConfig(Section):
     epochs: int = Field(10, ge=1, description="Training epochs.")
-    seed: int = Field(0, ge=0, description="Seed of model init, sampling and augmentation.")
+    seed: int = Field(
+        0, ge=0, le=2**32 - 1, description="Seed of model init, sampling and augmentation."
+    )
     output_dir: str | None = Field(
         None, description="Run folder for metrics.jsonl (empty = runs/<config file stem>)."
     )
@@ -222,8 +228,52 @@ class Config(Section):
                     f"trainer.epochs ({self.trainer.epochs}); lower them or train longer"
                 )
         if self.data.name != "mnist" and not self.data.root:
-            raise ValueError(f"data.root is required for data.name={self.data.name!r}")
+            raise ValueError(
+                f"data.root is required for data.name={self.data.name!r}; set it to the folder "
+                "holding train/ and test/ (or a .tar.gz of it)"
+            )
+        self._check_model_matches_data()
+        self._check_milestones()
         return self
+
+    def _check_model_matches_data(self) -> None:
+        """``mnist_cnn`` reads 1-channel 28x28 MNIST; the ResNets read 3-channel images."""
+        model, data = self.model.name, self.data.name
+        if model == "mnist_cnn" and data != "mnist":
+            raise ValueError(
+                f"model.name 'mnist_cnn' takes 1-channel 28x28 MNIST images but data.name is "
+                f"{data!r} (3-channel images); use a ResNet (e.g. model.name: resnet20) or "
+                "data.name: mnist"
+            )
+        if model != "mnist_cnn" and data == "mnist":
+            raise ValueError(
+                f"model.name {model!r} takes 3-channel images but data.name is 'mnist' "
+                "(1-channel); use model.name: mnist_cnn, or data.name: cifar10/imagefolder"
+            )
+
+    def _check_milestones(self) -> None:
+        """``multistep`` needs increasing drop epochs inside ``1 .. trainer.epochs - 1``."""
+        optim, epochs = self.optim, self.trainer.epochs
+        if optim.scheduler != "multistep":
+            return
+        milestones = list(optim.milestones)
+        if not milestones:
+            raise ValueError(
+                "optim.scheduler is 'multistep' but optim.milestones is empty; give the epochs "
+                "at which the LR drops, e.g. optim.milestones=[30, 60], or another scheduler"
+            )
+        if any(b <= a for a, b in zip(milestones, milestones[1:])):
+            raise ValueError(
+                f"optim.milestones {milestones} must be strictly increasing; list each drop "
+                "epoch once, in order"
+            )
+        outside = [m for m in milestones if not 1 <= m < epochs]
+        if outside:
+            raise ValueError(
+                f"optim.milestones {milestones}: {outside} outside 1..{epochs - 1} (trainer.epochs "
+                f"is {epochs}), so the LR would never drop there; use drop epochs in "
+                f"1..{epochs - 1} or train longer"
+            )
 
     def strategy_options(self) -> dict[str, Any]:
         """Keyword arguments for :func:`daso.strategies.build_strategy` (the section sans name)."""
@@ -252,31 +302,59 @@ def _allowed_keys(loc: Sequence[Any]) -> list[str]:
     return sorted(model.model_fields) if hasattr(model, "model_fields") else []
 
 
+def _short_repr(value: Any, limit: int = 80) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
 def format_validation_error(error: ValidationError, source: str) -> str:
     """One line per problem: ``source: key: what is wrong (got value)``."""
     lines = []
     for item in error.errors():
-        key = _dotted(item["loc"]) or "(top level)"
+        key = _dotted(item["loc"]) if item["loc"] else "(top level)"
         if item["type"] == "extra_forbidden":
             allowed = ", ".join(_allowed_keys(item["loc"]))
             lines.append(f"{source}: unknown key '{key}'; allowed here: {allowed}")
         elif item["type"] == "union_tag_invalid":
+            name = item["input"].get("name") if isinstance(item["input"], dict) else None
             lines.append(
                 f"{source}: '{key}.name' must be one of {sorted(STRATEGY_SECTIONS)} "
-                f"(got {item['input'].get('name') if isinstance(item['input'], dict) else None!r})"
+                f"(got {_short_repr(name)})"
             )
+        elif item["type"] in ("model_type", "model_attributes_type", "dict_type"):
+            lines.append(
+                f"{source}: {key}: must be a section of 'key: value' pairs "
+                f"(got {_short_repr(item['input'])}); indent its keys under '{key}:', or set "
+                f"them one at a time with --set {key}.KEY=VALUE"
+            )
+        elif item["type"] == "invalid_key":
+            lines.append(
+                f"{source}: {key}: keys must be names (strings), got {item['loc'][-1]}; "
+                "quote or rename it"
+            )
+        elif item["type"] == "value_error" and not item["loc"]:
+            lines.append(f"{source}: {item['msg'].removeprefix('Value error, ')}")
         else:
             message = item["msg"].removeprefix("Value error, ")
-            got = f" (got {item['input']!r})" if item["type"] != "value_error" else ""
+            got = f" (got {_short_repr(item['input'])})" if item["type"] != "value_error" else ""
             lines.append(f"{source}: {key}: {message}{got}")
     return "\n".join(lines)
 
 
 def _read_yaml(path: Path) -> dict[str, Any]:
+    """The YAML mapping in ``path``; ConfigError if it is missing, unreadable or not a mapping."""
     if not path.is_file():
         raise ConfigError(f"config file {path} does not exist; pass an existing YAML file")
     try:
-        data = yaml.safe_load(path.read_text())
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as err:
+        raise ConfigError(
+            f"cannot read config file {path}: {err}; pass a readable UTF-8 YAML file"
+        ) from None
+    try:
+        data = yaml.safe_load(text)
+    except RecursionError:
+        raise ConfigError(f"{path}: malformed YAML: nested too deeply to read") from None
     except yaml.MarkedYAMLError as err:
         mark = err.problem_mark
         where = f"line {mark.line + 1}, column {mark.column + 1}" if mark else "unknown position"
@@ -287,7 +365,8 @@ def _read_yaml(path: Path) -> dict[str, Any]:
         return {}
     if not isinstance(data, dict):
         raise ConfigError(
-            f"{path}: the top level must be a mapping of sections, got {type(data).__name__}"
+            f"{path}: the top level must be a mapping of sections, got {type(data).__name__}; "
+            "write e.g. 'trainer:' on one line and '  epochs: 10' below it"
         )
     return data
 
@@ -308,7 +387,7 @@ def apply_override(data: dict[str, Any], override: str) -> None:
         )
     try:
         value = yaml.safe_load(raw) if raw.strip() else None
-    except yaml.YAMLError:
+    except (yaml.YAMLError, RecursionError):
         raise ConfigError(f"override {override!r}: the value is not valid YAML") from None
     *parents, leaf = key.split(".")
     node = data
@@ -316,7 +395,8 @@ def apply_override(data: dict[str, Any], override: str) -> None:
         child = node.setdefault(part, {})
         if not isinstance(child, dict):
             raise ConfigError(
-                f"override {override!r}: '{'.'.join(parents[: i + 1])}' is a value, not a section"
+                f"override {override!r}: '{'.'.join(parents[: i + 1])}' is a value "
+                f"({_short_repr(child)}), not a section, so it has no key '{key.split('.')[i + 1]}'"
             )
         node = child
     node[leaf] = value
@@ -344,10 +424,52 @@ def load_config(path: str | os.PathLike[str] | None, overrides: Sequence[str] = 
         config = Config.model_validate(data)
     except ValidationError as err:
         raise ConfigError(format_validation_error(err, source)) from None
+    except RecursionError:
+        raise ConfigError(f"{source}: a value is nested too deeply to validate") from None
     if not config.trainer.output_dir:
         stem = Path(path).stem if path is not None else "default"
         config.trainer.output_dir = str(Path("runs") / stem)
     return config
+
+
+def check_launch(
+    config: Config, world_size: int, train_size: int, num_classes: int | None = None
+) -> None:
+    """Checks that need the launch's world size and the loaded data, run before any process group.
+
+    ``daso train`` calls it on every rank after loading the datasets and before building the
+    trainer, so a run that cannot work stops with exit code 2 and no output folder.
+
+    Args:
+        config: the validated config.
+        world_size: ranks in the job (:func:`daso.topology.read_launcher_env`).
+        train_size: images in the training set, after ``data.train_subset``.
+        num_classes: classes in the data (labels ``0 .. num_classes - 1``), if known.
+
+    Raises:
+        ConfigError: each rank's share of the training set (``train_size // world_size``, the
+            ``DistributedSampler`` drops the remainder) is smaller than ``data.batch_size``, so no
+            rank gets one full batch; or the data has more classes than ``model.num_classes``.
+    """
+    batch = config.data.batch_size
+    per_rank = train_size // world_size if world_size > 0 else 0
+    if per_rank < batch:
+        subset = " after data.train_subset" if config.data.train_subset is not None else ""
+        fix = (
+            f"lower data.batch_size to at most {per_rank}, use fewer ranks"
+            if per_rank >= 1
+            else "use fewer ranks"
+        )
+        raise ConfigError(
+            f"data.batch_size is {batch} per rank, but the training set ({train_size} images"
+            f"{subset}) gives each of the {world_size} ranks only {per_rank}: no rank would get "
+            f"one full batch; {fix}, or train on more data"
+        )
+    if num_classes is not None and num_classes > config.model.num_classes:
+        raise ConfigError(
+            f"the data has {num_classes} classes but model.num_classes is "
+            f"{config.model.num_classes}; set model.num_classes={num_classes}"
+        )
 
 
 def _type_name(annotation: Any) -> str:
