@@ -153,6 +153,36 @@ class EAMSGDConfig(EASGDConfig):
     momentum: float = Field(0.99, ge=0, lt=1, description="delta: Nesterov momentum.")
 
 
+class AsyncEASGDConfig(Section):
+    name: Literal["async_easgd"] = Field(
+        "async_easgd",
+        description="Asynchronous EASGD (Zhang et al. 2015, Algorithm 1): center on sharded "
+        "parameter servers, one per node.",
+    )
+    period: int = Field(1, ge=1, description="tau: a node's steps between its exchanges.")
+    moving_rate: float | None = Field(
+        None, gt=0, lt=1, description="alpha; empty = 0.9 / number of nodes (beta = 0.9)."
+    )
+    momentum: float | None = Field(
+        None, ge=0, lt=1, description="delta: Nesterov momentum (async EAMSGD); empty = optim's."
+    )
+    evaluate: Literal["center", "worker"] = Field(
+        "center", description="Validate the center x~ or this worker's x^i."
+    )
+
+
+class DownpourConfig(Section):
+    name: Literal["downpour"] = Field(
+        "downpour",
+        description="DOWNPOUR (Dean et al. 2012): push accumulated updates to sharded "
+        "parameter servers, pull the center.",
+    )
+    period: int = Field(1, ge=1, description="tau: a node's steps between push and pull.")
+    evaluate: Literal["center", "worker"] = Field(
+        "center", description="Validate the center x~ or this worker's x^i."
+    )
+
+
 class DASOConfig(Section):
     name: Literal["daso"] = Field("daso", description="DASO (Coquelin et al. 2022).")
     warmup_epochs: int = Field(4, ge=0, description="Blocking epochs at the start.")
@@ -185,7 +215,9 @@ StrategyConfig = Annotated[
     | HorovodConfig
     | NoCommConfig
     | EASGDConfig
-    | EAMSGDConfig,
+    | EAMSGDConfig
+    | AsyncEASGDConfig
+    | DownpourConfig,
     Field(discriminator="name"),
 ]
 STRATEGY_SECTIONS: dict[str, type[Section]] = {
@@ -197,6 +229,8 @@ STRATEGY_SECTIONS: dict[str, type[Section]] = {
     "no_comm": NoCommConfig,
     "easgd": EASGDConfig,
     "eamsgd": EAMSGDConfig,
+    "async_easgd": AsyncEASGDConfig,
+    "downpour": DownpourConfig,
 }
 
 

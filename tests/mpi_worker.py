@@ -10,6 +10,7 @@ import hashlib
 import json
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -289,12 +290,148 @@ def scenario_equivalence(groups: ProcessGroups, params: dict[str, Any]) -> dict[
     return {"topology": topology_info(groups), "runs": runs}
 
 
+def center_strategies(groups: ProcessGroups, params: dict[str, Any]) -> Iterator[tuple]:
+    """For each ``(label, name, options)`` of ``params["strategies"]``: a fresh tiny model
+    wrapped by that parameter-server strategy, its flat state, and a step function that runs
+    one training step on this rank's next batch and returns ``(pre_step, before_sync)``."""
+    from daso.strategies import build_strategy
+
+    data = torch.Generator().manual_seed(1234 + groups.topology.rank)
+    for label, name, options in params["strategies"]:
+        torch.manual_seed(0)
+        model = tiny_model()
+        strategy = build_strategy(name, groups, epochs=1, options=options)
+        wrapped = strategy.wrap(model, torch.optim.SGD(model.parameters(), lr=0.1))
+        state = FlatBuffer(model_state_tensors(model))
+        strategy.begin_epoch(0, 10**9)
+
+        def step(batch: int, strategy=strategy, wrapped=wrapped, state=state) -> tuple:
+            inputs = torch.randn(6, 8, generator=data)
+            targets = torch.randint(0, 4, (6,), generator=data)
+            strategy.optimizer.zero_grad()
+            with strategy.sync_context(batch):
+                torch.nn.functional.cross_entropy(wrapped(inputs), targets).backward()
+            strategy.after_backward(batch)
+            pre_step = state.pack().clone()
+            strategy.optimizer.step()
+            before_sync = state.pack().clone()
+            return pre_step, before_sync
+
+        yield label, strategy, state, step
+
+
+def scenario_center_round_robin(groups: ProcessGroups, params: dict[str, Any]) -> dict[str, Any]:
+    """The paper's round-robin scheme: on turn t only node t % p steps (and exchanges when its
+    own clock says so); world barriers around it, then every node pulls the center. Then a
+    state_dict round trip: perturb, load, restore."""
+    import torch.distributed as dist
+
+    topo = groups.topology
+    runs = {}
+    for label, strategy, state, step in center_strategies(groups, params):
+        initial = state.pack().clone()
+        turns = []
+        for turn in range(params["turns"]):
+            active = turn % topo.num_nodes
+            record: dict[str, Any] = {"active": active}
+            if topo.node_rank == active:
+                record["pre_step"], record["before_sync"] = step(turn)
+                reference = getattr(strategy, "reference", None)
+                record["reference"] = None if reference is None else reference.clone()
+                strategy.after_step(turn)
+                record["after"] = state.pack().clone()
+            dist.barrier()  # the active node's exchange has been applied by every server
+            record["center"] = strategy.pull_center().clone()
+            dist.barrier()  # nobody starts the next turn before everyone has pulled
+            turns.append(record)
+        saved = strategy.state_dict()
+        changed = {
+            key: value + 1 if isinstance(value, torch.Tensor) else value
+            for key, value in saved.items()
+        }
+        changed["step"] = saved["step"] + 5
+        strategy.load_state_dict(changed)
+        dist.barrier()
+        changed_center = strategy.pull_center().clone()
+        dist.barrier()
+        strategy.load_state_dict(saved)
+        restored = strategy.state_dict()
+        dist.barrier()
+        restored_center = strategy.pull_center().clone()
+        runs[label] = {
+            "initial": initial,
+            "turns": turns,
+            "saved": saved,
+            "restored": restored,
+            "changed_center": changed_center,
+            "restored_center": restored_center,
+        }
+        strategy.close()
+    return {"topology": topology_info(groups), "runs": runs}
+
+
+def scenario_center_slow_node(groups: ProcessGroups, params: dict[str, Any]) -> dict[str, Any]:
+    """Every node steps for ``seconds`` of wall time; the last node sleeps ``sleep`` seconds in
+    each of its steps. Records each node's step count and the sums the conservation laws need:
+    DOWNPOUR's pushed updates, and the local moves (everything but the elastic term) of
+    asynchronous EASGD, both in float64."""
+    import torch.distributed as dist
+
+    from daso.comm import broadcast
+
+    topo = groups.topology
+    slow = topo.node_rank == topo.num_nodes - 1
+    leader = topo.global_rank(topo.node_rank, 0)
+    runs = {}
+    for label, strategy, state, step in center_strategies(groups, params):
+        initial = state.pack().clone()
+        local_moves = torch.zeros(state.numel, dtype=torch.float64)
+        pushed = torch.zeros(state.numel, dtype=torch.float64)
+        previous = initial.clone()
+        steps = 0
+        dist.barrier()
+        start = time.perf_counter()
+        while True:
+            go = torch.tensor([float(time.perf_counter() - start < params["seconds"])])
+            broadcast(go, leader, groups.node_group)  # the node stops as one
+            if not go.item():
+                break
+            if slow:
+                time.sleep(params["sleep"])
+            _, before_sync = step(steps)
+            local_moves += (before_sync - previous).double()
+            if strategy.name == "downpour" and strategy.is_exchange_step():
+                pushed += (before_sync - strategy.reference).double()
+            strategy.after_step(steps)
+            previous = state.pack().clone()
+            steps += 1
+        elapsed = time.perf_counter() - start
+        dist.barrier()
+        center = strategy.pull_center().clone()
+        runs[label] = {
+            "steps": steps,
+            "exchanges": strategy.exchanges,
+            "elapsed": elapsed,
+            "initial": initial,
+            "final": state.pack().clone(),
+            "center": center,
+            "local_moves": local_moves,
+            "pushed": pushed,
+            "state": strategy.state_dict(),
+        }
+        dist.barrier()
+        strategy.close()
+    return {"topology": topology_info(groups), "runs": runs}
+
+
 SCENARIOS = {
     "merge": scenario_merge,
     "consistency": scenario_consistency,
     "progress": scenario_progress,
     "trainer_features": scenario_trainer_features,
     "equivalence": scenario_equivalence,
+    "center_round_robin": scenario_center_round_robin,
+    "center_slow_node": scenario_center_slow_node,
 }
 
 

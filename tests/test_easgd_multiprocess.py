@@ -1,5 +1,6 @@
-"""Synchronous EASGD across emulated nodes: the elastic step against the paper's formula
-(eqs. 5-6) from gathered pre-step values, identical centers, and real MNIST accuracy."""
+"""EASGD across emulated nodes: the synchronous elastic step against the paper's formula
+(eqs. 5-6) from gathered pre-step values, identical centers, and real MNIST accuracy of all
+four EASGD-paper strategies (easgd, eamsgd, async_easgd, downpour) against ddp's."""
 
 from __future__ import annotations
 
@@ -52,7 +53,7 @@ def ddp_rows(tmp_path_factory):
     )
 
 
-@pytest.mark.parametrize("strategy", ["easgd", "eamsgd"])
+@pytest.mark.parametrize("strategy", ["easgd", "eamsgd", "async_easgd", "downpour"])
 def test_trains_real_mnist_within_1_5_points_of_ddp(tmp_path, ddp_rows, strategy):
     rows = train_cli(tmp_path, f"mnist_cnn_{strategy}.yaml", 4, "2", "trainer.epochs=4")
     assert rows[-1]["val_accuracy"] >= ddp_rows[-1]["val_accuracy"] - 0.015, (

@@ -15,6 +15,10 @@ horovod       horovod.torch.DistributedOptimizer, allreduce every step     Serge
 no_comm       no communication: the benchmark's physical bound             -
 easgd         synchronous elastic averaging of nodes with a center          Zhang et al. 2015
 eamsgd        easgd with Nesterov momentum on the local step                Zhang et al. 2015
+async_easgd   asynchronous EASGD: each node exchanges with a center held    Zhang et al. 2015
+              by sharded parameter-server threads on its own clock          Algorithm 1
+downpour      each node pushes its accumulated update to the sharded        Dean et al. 2012
+              center and pulls it back, on its own clock
 ============  ===========================================================  ==================
 """
 
@@ -23,9 +27,11 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
+from daso.strategies.async_easgd import AsyncEASGDStrategy
 from daso.strategies.base import Strategy
 from daso.strategies.daso import DASOStrategy, merge_stale_sum
 from daso.strategies.ddp import DDPStrategy
+from daso.strategies.downpour import DownpourStrategy
 from daso.strategies.easgd import EAMSGDStrategy, EASGDStrategy
 from daso.strategies.hierarchical import HierarchicalStrategy
 from daso.strategies.horovod import HorovodStrategy
@@ -44,6 +50,8 @@ STRATEGIES: dict[str, type[Strategy]] = {
         NoCommStrategy,
         EASGDStrategy,
         EAMSGDStrategy,
+        AsyncEASGDStrategy,
+        DownpourStrategy,
     )
 }
 
@@ -63,8 +71,10 @@ def build_strategy(
 
 __all__ = [
     "STRATEGIES",
+    "AsyncEASGDStrategy",
     "DASOStrategy",
     "DDPStrategy",
+    "DownpourStrategy",
     "EAMSGDStrategy",
     "EASGDStrategy",
     "HierarchicalStrategy",

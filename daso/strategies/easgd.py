@@ -75,6 +75,21 @@ def apply_elastic(
     center.add_(difference_sum, alpha=alpha)
 
 
+@contextlib.contextmanager
+def swapped_in(state: FlatBuffer, center: torch.Tensor) -> Iterator[None]:
+    """Context in which the model holds ``center`` (float32 ``[P]``, the layout of ``state``)
+    instead of its own parameters and floating-point buffers, restored bit for bit after.
+
+    Validation of a center variable (the paper evaluates ``x~``): BatchNorm statistics are part
+    of ``state``, so the center's own elastic averages of them are used."""
+    worker = state.pack().clone()
+    state.unpack(center)
+    try:
+        yield
+    finally:
+        state.unpack(worker)
+
+
 class EASGDStrategy(Strategy):
     """Synchronous EASGD across nodes (see the module docstring).
 
@@ -162,18 +177,11 @@ class EASGDStrategy(Strategy):
         if self.elastic_steps % self.center_resync_period == 0:
             broadcast(self.center, 0)
 
-    @contextlib.contextmanager
-    def evaluation(self) -> Iterator[None]:
+    def evaluation(self) -> contextlib.AbstractContextManager:
         """Swap the center in for validation (``evaluate: center``), the worker back after."""
         if self.evaluate == "worker":
-            yield
-            return
-        worker = self.state.pack().clone()
-        self.state.unpack(self.center)
-        try:
-            yield
-        finally:
-            self.state.unpack(worker)
+            return contextlib.nullcontext()
+        return swapped_in(self.state, self.center)
 
     def epoch_metrics(self) -> dict[str, float]:
         totals = (self.cross.bytes_sent, self.cross.wait_seconds) if self.cross else (0, 0.0)
