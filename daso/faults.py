@@ -4,8 +4,10 @@
   ``scancel``) into a flag the trainer votes on, so every rank stops after the same batch.
 * :class:`NonFiniteGuard` checks each step's loss and gradient norm on the device; on a CPU it
   reads the flag every step (free), on a GPU in ``stop`` mode only at the epoch's end and before
-  a checkpoint (no extra host synchronisation per step). ``skip`` mode must decide before the
-  optimizer step, so it reads one scalar per step, the same read ``torch.amp.GradScaler`` makes.
+  a checkpoint (no extra host synchronisation per step; meanwhile non-finite gradient entries
+  are zeroed on the device, so no NaN reaches the parameters or a cross-node sync). ``skip``
+  mode must decide before the optimizer step, so it reads one scalar per step, the same read
+  ``torch.amp.GradScaler`` makes.
 * :func:`describe_peer_failure` turns a failed collective into an error naming the operation
   and the ranks whose heartbeats stopped.
 """
@@ -106,7 +108,7 @@ class NonFiniteGuard:
             marker = torch.tensor([epoch, batch], device=bad.device)
             unset = self._first_bad[0] < 0
             self._first_bad.copy_(torch.where(bad & unset, marker, self._first_bad))
-            return False
+            return False  # the caller zeroes non-finite gradients (see sanitize)
         if not bool(bad):
             return False
         if self.policy == "stop":
@@ -119,6 +121,15 @@ class NonFiniteGuard:
             batch,
         )
         return True
+
+    def sanitize(self, params: Iterable[torch.nn.Parameter]) -> None:
+        """CUDA ``stop`` mode: replace NaN/Inf gradient entries by 0 on the device, so a bad
+        step cannot put a NaN into the parameters (or a cross-node sync) before the deferred
+        :meth:`check` stops the run."""
+        if self.deferred:
+            for p in params:
+                if p.grad is not None:
+                    p.grad.nan_to_num_(nan=0.0, posinf=0.0, neginf=0.0)
 
     def check(self) -> None:
         """Read the deferred flag (CUDA ``stop`` mode): raise if any step was non-finite.

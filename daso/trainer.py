@@ -166,6 +166,9 @@ class Trainer:
             tcfg.epochs,
             {**config.strategy_options(), "timeout_seconds": tcfg.timeout_seconds},
         )
+        if tcfg.deterministic:
+            torch.use_deterministic_algorithms(True, warn_only=True)
+        self.strategy.deterministic = tcfg.deterministic
         self.model = self.strategy.wrap(model, self.optimizer)
         self.optimizer = self.strategy.optimizer  # the same object, or the strategy's wrapper
         if lr_scheduler is None:
@@ -404,6 +407,7 @@ class Trainer:
             norm = loss.new_zeros(())
         bad = self.guard.nonfinite(loss, self.module.parameters(), norm)
         skip = self.guard.should_skip(bad, epoch, batch)
+        self.guard.sanitize(self.module.parameters())
         if skip:
             self.partial["skipped_steps"] += 1
         else:

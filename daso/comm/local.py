@@ -46,6 +46,7 @@ def wrap_data_parallel(
     group_size: int,
     device: torch.device,
     counter: ByteCounter | None = None,
+    fixed_buckets: bool = False,
 ) -> torch.nn.Module:
     """Wrap ``module`` so gradients are averaged over ``group`` during ``backward()``.
 
@@ -55,6 +56,8 @@ def wrap_data_parallel(
         group_size: number of ranks in ``group``; with 1 the module is returned unwrapped.
         device: the module's device (CUDA: one device id per process).
         counter: when given, counts the gradient bytes each rank hands to the allreduce.
+        fixed_buckets: keep the initial gradient bucket layout for the wrapper's life, so every
+            step sums in the same order (bitwise-reproducible resumes; ``trainer.deterministic``).
 
     Returns:
         A ``DistributedDataParallel`` (or ``module`` itself for a group of one).
@@ -64,7 +67,13 @@ def wrap_data_parallel(
     device_ids = [device.index] if device.type == "cuda" else None
     # DDP's default: buffers (BatchNorm statistics) are broadcast from the group's first rank
     # at every forward, so a node holds one set of statistics.
-    ddp = DistributedDataParallel(module, device_ids=device_ids, process_group=group)
+    # fixed_buckets: DDP re-buckets gradients in their arrival order after its first step, so a
+    # new wrapper (a resumed run) sums in another order for one step; with more than two ranks
+    # that changes the last bits. DDP skips the re-bucketing when it looks for unused
+    # parameters, at the price of one walk over the autograd graph per step.
+    ddp = DistributedDataParallel(
+        module, device_ids=device_ids, process_group=group, find_unused_parameters=fixed_buckets
+    )
     if counter is not None:
         ddp.register_comm_hook(group, counter.allreduce_hook)
     return ddp

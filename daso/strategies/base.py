@@ -70,6 +70,8 @@ class Strategy(abc.ABC):
     Attributes:
         model: the wrapped model (after :meth:`wrap`).
         optimizer: the user's optimizer (after :meth:`wrap`).
+        deterministic: set before :meth:`wrap` for bitwise-reproducible steps (fixed DDP
+            gradient buckets); ``trainer.deterministic`` in the config.
     """
 
     name: ClassVar[str] = ""
@@ -82,6 +84,7 @@ class Strategy(abc.ABC):
         self.model: torch.nn.Module | None = None
         self.optimizer: torch.optim.Optimizer | None = None
         self.num_batches = 0
+        self.deterministic = False
 
     @abc.abstractmethod
     def wrap(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> torch.nn.Module:

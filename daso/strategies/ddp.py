@@ -31,7 +31,12 @@ class DDPStrategy(Strategy):
         self.optimizer = optimizer
         counter = self.counter if self.topology.num_nodes > 1 else None
         self.model = wrap_data_parallel(
-            model, self.groups.world_group, self.topology.world_size, self.groups.device, counter
+            model,
+            self.groups.world_group,
+            self.topology.world_size,
+            self.groups.device,
+            counter,
+            fixed_buckets=self.deterministic,
         )
         return self.model
 

@@ -64,7 +64,11 @@ class HierarchicalStrategy(Strategy):
         topo = self.topology
         self.optimizer = optimizer
         self.model = wrap_data_parallel(
-            model, self.groups.node_group, topo.local_world_size, self.groups.device
+            model,
+            self.groups.node_group,
+            topo.local_world_size,
+            self.groups.device,
+            fixed_buckets=self.deterministic,
         )
         self.params = [p for p in model.parameters() if p.requires_grad]
         self.grads = FlatBuffer(self.params, device=self.groups.device)

@@ -63,7 +63,11 @@ class LocalSGDStrategy(Strategy):
     def wrap(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> torch.nn.Module:
         self.optimizer = optimizer
         self.model = wrap_data_parallel(
-            model, self.groups.node_group, self.topology.local_world_size, self.groups.device
+            model,
+            self.groups.node_group,
+            self.topology.local_world_size,
+            self.groups.device,
+            fixed_buckets=self.deterministic,
         )
         self.averager = CrossNodeAverager(
             self.groups, model_state_tensors(model), self.wire_dtype, self.timeout

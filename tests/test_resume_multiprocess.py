@@ -1,0 +1,64 @@
+"""Exact resume for every strategy: 4 epochs straight equal 2 epochs, a stop, and 2 more
+(bitwise, on every rank: model and optimizer state; and the same per-epoch metrics); so does a
+resume from a checkpoint taken in the middle of an epoch."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import pytest
+import torch
+
+from mpi_harness import ROOT, run_command
+
+pytestmark = pytest.mark.multiprocess
+
+WORKER = ROOT / "tests" / "resume_worker.py"
+
+#: Strategies and options that make each one do its real work within 4 short epochs.
+STRATEGIES = {
+    "daso": {"warmup_epochs": 1, "cooldown_epochs": 1, "max_global_skips": 4},
+    "ddp": {},
+    "hierarchical": {},
+    "local_sgd": {"period": 3},
+    "easgd": {"period": 3},
+    "eamsgd": {"period": 2},
+    "no_comm": {},
+}
+
+
+def resume_runs(tmp_path, strategies, n=4, layout="2", timeout=300):
+    params = {
+        "strategies": [[name, STRATEGIES.get(name, {})] for name in strategies],
+        "epochs": 4,
+        "stop_epoch": 2,
+        "every_batches": 3,
+    }
+    result = run_command(
+        [sys.executable, str(WORKER), str(tmp_path), json.dumps(params)], n, layout, timeout
+    )
+    assert result.returncode == 0, f"{result.stdout}\n{result.stderr}"
+    return [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(n)]
+
+
+def check_exact(results, name):
+    for rank, per_rank in enumerate(results):
+        runs = per_rank[name]
+        full = runs["full"]
+        assert runs["part"]["stopped"] == "stop_at_epoch=2"
+        assert len(runs["part"]["history"]) == 2
+        assert len(full["history"]) == 4
+        for label in ("resumed", "mid"):
+            run = runs[label]
+            assert run["stopped"] is None
+            assert run["model"] == full["model"], f"{name} {label}: rank {rank} model differs"
+            assert run["optimizer"] == full["optimizer"], f"{name} {label}: optimizer differs"
+            assert run["history"] == full["history"], f"{name} {label}: metrics differ"
+
+
+@pytest.mark.parametrize("layout, n", [("2", 4)])
+def test_every_strategy_resumes_exactly(tmp_path, layout, n):
+    results = resume_runs(tmp_path, list(STRATEGIES), n, layout)
+    for name in STRATEGIES:
+        check_exact(results, name)
