@@ -1,8 +1,8 @@
 """Typed configuration: YAML files, dotted command-line overrides, validation with clear errors.
 
-A config has five sections, ``model``, ``data``, ``optim``, ``trainer`` and ``strategy``; the
-``strategy`` section's keys depend on ``strategy.name``. Every problem (malformed YAML, unknown
-key, wrong type, out-of-range value, inconsistent combination) raises
+A config has six sections, ``model``, ``data``, ``optim``, ``trainer``, ``checkpoint`` and
+``strategy``; the ``strategy`` section's keys depend on ``strategy.name``. Every problem
+(malformed YAML, unknown key, wrong type, out-of-range value, inconsistent combination) raises
 :class:`~daso.errors.ConfigError` naming the file, the dotted key and what is allowed, before
 any process group exists.
 
@@ -94,8 +94,33 @@ class TrainerConfig(Section):
     num_threads: int | None = Field(None, ge=1, description="torch.set_num_threads per rank.")
     progress: bool = Field(True, description="tqdm progress bar on rank 0.")
     timeout_seconds: float = Field(
-        300.0, gt=0, description="Longest wait for any collective before failing, seconds."
+        300.0,
+        gt=0,
+        le=7 * 86400,
+        description="Longest wait for any collective or MPI request before failing, seconds.",
     )
+    deterministic: bool = Field(
+        False,
+        description="Bitwise-reproducible steps and resumes: fixed DDP gradient buckets, "
+        "torch deterministic algorithms (a little slower).",
+    )
+    nan_policy: Literal["stop", "skip"] = Field(
+        "stop",
+        description="NaN/Inf loss or gradient: stop with an error, or skip the step on all ranks.",
+    )
+
+
+class CheckpointConfig(Section):
+    dir: str | None = Field(
+        None, description="Checkpoint folder (empty = <trainer.output_dir>/checkpoints)."
+    )
+    every_epochs: int = Field(
+        1, ge=0, description="Epochs between checkpoints (0 = only at the end)."
+    )
+    every_batches: int | None = Field(
+        None, ge=1, description="Also checkpoint every this many batches inside an epoch."
+    )
+    keep: int = Field(2, ge=1, description="Newest checkpoints kept; older ones are deleted.")
 
 
 class DDPConfig(Section):
@@ -153,33 +178,29 @@ class EAMSGDConfig(EASGDConfig):
     momentum: float = Field(0.99, ge=0, lt=1, description="delta: Nesterov momentum.")
 
 
-class AsyncEASGDConfig(Section):
-    name: Literal["async_easgd"] = Field(
-        "async_easgd",
-        description="Asynchronous EASGD (Zhang et al. 2015, Algorithm 1): center on sharded "
-        "parameter servers, one per node.",
-    )
-    period: int = Field(1, ge=1, description="tau: a node's steps between its exchanges.")
-    moving_rate: float | None = Field(
-        None, gt=0, lt=1, description="alpha; empty = 0.9 / number of nodes (beta = 0.9)."
-    )
-    momentum: float | None = Field(
-        None, ge=0, lt=1, description="delta: Nesterov momentum (async EAMSGD); empty = optim's."
-    )
-    evaluate: Literal["center", "worker"] = Field(
-        "center", description="Validate the center x~ or this worker's x^i."
-    )
-
-
 class DownpourConfig(Section):
     name: Literal["downpour"] = Field(
         "downpour",
         description="DOWNPOUR (Dean et al. 2012): push accumulated updates to sharded "
         "parameter servers, pull the center.",
     )
-    period: int = Field(1, ge=1, description="tau: a node's steps between push and pull.")
+    period: int = Field(1, ge=1, description="tau: a node's steps between its exchanges.")
     evaluate: Literal["center", "worker"] = Field(
         "center", description="Validate the center x~ or this worker's x^i."
+    )
+
+
+class AsyncEASGDConfig(DownpourConfig):
+    name: Literal["async_easgd"] = Field(
+        "async_easgd",
+        description="Asynchronous EASGD (Zhang et al. 2015, Algorithm 1): center on sharded "
+        "parameter servers, one per node.",
+    )
+    moving_rate: float | None = Field(
+        None, gt=0, lt=1, description="alpha; empty = 0.9 / number of nodes (beta = 0.9)."
+    )
+    momentum: float | None = Field(
+        None, ge=0, lt=1, description="delta: Nesterov momentum (async EAMSGD); empty = optim's."
     )
 
 
@@ -235,12 +256,13 @@ STRATEGY_SECTIONS: dict[str, type[Section]] = {
 
 
 class Config(Section):
-    """The whole run: ``model``, ``data``, ``optim``, ``trainer``, ``strategy``."""
+    """The whole run: ``model``, ``data``, ``optim``, ``trainer``, ``checkpoint``, ``strategy``."""
 
     model: ModelConfig = Field(default_factory=ModelConfig)
     data: DataConfig = Field(default_factory=DataConfig)
     optim: OptimConfig = Field(default_factory=OptimConfig)
     trainer: TrainerConfig = Field(default_factory=TrainerConfig)
+    checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
     strategy: StrategyConfig = Field(default_factory=DASOConfig)
 
     @model_validator(mode="before")
@@ -308,6 +330,12 @@ class Config(Section):
                 f"is {epochs}), so the LR would never drop there; use drop epochs in "
                 f"1..{epochs - 1} or train longer"
             )
+
+    def checkpoint_folder(self) -> Path:
+        """Where checkpoints go: ``checkpoint.dir``, else ``<trainer.output_dir>/checkpoints``."""
+        if self.checkpoint.dir:
+            return Path(self.checkpoint.dir)
+        return Path(self.trainer.output_dir or "runs/default") / "checkpoints"
 
     def strategy_options(self) -> dict[str, Any]:
         """Keyword arguments for :func:`daso.strategies.build_strategy` (the section sans name)."""
