@@ -150,17 +150,16 @@ class NonFiniteGuard:
         )
 
 
-def describe_peer_failure(rank: int, operation: str, error: BaseException, heartbeat: Any) -> str:
-    """Message for a collective that failed or timed out: this rank, the operation, the error,
-    and the ranks whose heartbeats stopped (see :class:`~daso.comm.control.Heartbeat`)."""
-    if heartbeat is None:
-        silent = "peer status unknown (no heartbeat store)"
+def describe_peer_failure(
+    rank: int, operation: str, error: BaseException, silent: list[int] | None
+) -> str:
+    """Message for a collective that failed or timed out: this rank, the operation, the ranks
+    whose heartbeats stopped (``silent``, from :meth:`~daso.comm.control.Heartbeat.silent_ranks`;
+    ``None`` if the store did not answer), and the error."""
+    if silent is None:
+        who = "rank 0, which hosts the rendezvous store, stopped answering (or no heartbeats)"
+    elif silent:
+        who = f"rank(s) {silent} stopped answering (no heartbeat)"
     else:
-        ranks = heartbeat.silent_ranks()
-        if ranks is None:
-            silent = "rank 0, which hosts the rendezvous store, stopped answering"
-        elif ranks:
-            silent = f"rank(s) {ranks} stopped answering (no heartbeat)"
-        else:
-            silent = "every rank still has a heartbeat; one may be stuck in another operation"
-    return f"rank {rank}: {operation} failed: {silent}. Cause: {type(error).__name__}: {error}"
+        who = "every rank still has a heartbeat; one may be stuck in another operation"
+    return f"rank {rank}: {operation} failed: {who}. Cause: {type(error).__name__}: {error}"

@@ -40,7 +40,7 @@ from tqdm import tqdm
 from daso import checkpoint as ckpt
 from daso.comm import allreduce_sum, broadcast_tensors, model_state_tensors, unwrap
 from daso.comm.control import Heartbeat, StopVote
-from daso.errors import CheckpointError, CommTimeoutError, PeerFailureError
+from daso.errors import CheckpointError, CommTimeoutError, DasoError, PeerFailureError
 from daso.faults import NonFiniteGuard, PreemptionSignals, describe_peer_failure
 from daso.log import configure_logging
 from daso.strategies import build_strategy
@@ -285,10 +285,22 @@ class Trainer:
             try:
                 while self.epoch < self.config.trainer.epochs and not self.stopped:
                     self._run_epoch(loader, val_loader, start, signals)
-            except (dist.DistError, CommTimeoutError) as err:
-                message = describe_peer_failure(self.rank, self._operation, err, self.heartbeat)
-                raise PeerFailureError(message) from err
+            except (RuntimeError, TimeoutError) as err:
+                self._raise_if_peer_failure(err)
+                raise
         return self.history
+
+    def _raise_if_peer_failure(self, err: BaseException) -> None:
+        """Turn a communication failure into :class:`PeerFailureError`: always for a
+        ``torch.distributed`` error or an MPI timeout, and for any other runtime error (e.g.
+        DDP's reducer reporting a reset connection) when some rank's heartbeat has stopped."""
+        if isinstance(err, DasoError) and not isinstance(err, CommTimeoutError):
+            return
+        comm_error = isinstance(err, (dist.DistError, CommTimeoutError))
+        silent = self.heartbeat.silent_ranks() if self.heartbeat is not None else None
+        if comm_error or silent:
+            message = describe_peer_failure(self.rank, self._operation, err, silent)
+            raise PeerFailureError(message) from err
 
     def _run_epoch(
         self,
@@ -496,6 +508,20 @@ class Trainer:
             handle.write(json.dumps(row) + "\n")
 
     # -- checkpoints ---------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        """This rank's state: ``epoch``, ``batch``, ``model``, ``optimizer``, ``lr_scheduler``,
+        ``scaler`` and ``strategy`` (checkpoints gather it from every rank, see
+        :meth:`save_checkpoint`)."""
+        return {
+            "epoch": self.epoch,
+            "batch": self.batch,
+            "model": unwrap(self.model).state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "lr_scheduler": self.lr_scheduler.state_dict() if self.lr_scheduler else None,
+            "scaler": self.scaler.state_dict(),
+            "strategy": self.strategy.state_dict(),
+        }
+
     def _model_signature(self) -> list[tuple[str, list[int]]]:
         return [(k, list(v.shape)) for k, v in unwrap(self.model).state_dict().items()]
 
