@@ -62,3 +62,12 @@ def test_every_strategy_resumes_exactly(tmp_path, layout, n):
     results = resume_runs(tmp_path, list(STRATEGIES), n, layout)
     for name in STRATEGIES:
         check_exact(results, name)
+
+
+def test_horovod_resumes_exactly(tmp_path):
+    """Separate job: Horovod initialises once per process (see test_horovod_multiprocess)."""
+    from test_horovod_multiprocess import HAVE_HOROVOD, REQUIRED
+
+    if not HAVE_HOROVOD and not REQUIRED:
+        pytest.skip("Horovod not installed: run `make horovod`")
+    check_exact(resume_runs(tmp_path, ["horovod"]), "horovod")
