@@ -146,7 +146,11 @@ class EASGDStrategy(Strategy):
                 group.update(momentum=self.momentum, nesterov=True, dampening=0)
         self.optimizer = optimizer
         self.model = wrap_data_parallel(
-            model, self.groups.node_group, topo.local_world_size, self.groups.device
+            model,
+            self.groups.node_group,
+            topo.local_world_size,
+            self.groups.device,
+            fixed_buckets=self.deterministic,
         )
         tensors = [p for p in model.parameters()] + [
             b for b in model.buffers() if b.is_floating_point()
