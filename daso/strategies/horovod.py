@@ -44,7 +44,9 @@ class HorovodStrategy(Strategy):
         groups: the process groups (Horovod builds its own communicators over MPI_COMM_WORLD).
         epochs: total epochs (unused; part of the interface).
         hierarchical_allreduce: set ``HOROVOD_HIERARCHICAL_ALLREDUCE=1`` before ``hvd.init()``.
-        timeout_seconds: kept for the interface; Horovod has its own stall checks.
+        timeout_seconds: Horovod's stall check: a collective that some rank has not joined
+            for this long shuts Horovod down with an error (``HOROVOD_STALL_CHECK_TIME_SECONDS``
+            and ``HOROVOD_STALL_SHUTDOWN_TIME_SECONDS``, unless already set).
 
     Raises:
         ConfigError: Horovod is not installed (the message says how to build it).
@@ -67,6 +69,9 @@ class HorovodStrategy(Strategy):
         self.hvd = import_horovod()
         if hierarchical_allreduce:
             os.environ["HOROVOD_HIERARCHICAL_ALLREDUCE"] = "1"
+        stall = str(max(int(timeout_seconds), 1))
+        os.environ.setdefault("HOROVOD_STALL_CHECK_TIME_SECONDS", stall)
+        os.environ.setdefault("HOROVOD_STALL_SHUTDOWN_TIME_SECONDS", stall)
         self.hvd.init()
         if self.hvd.size() != self.topology.world_size or self.hvd.rank() != self.topology.rank:
             raise ConfigError(
