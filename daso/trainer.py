@@ -40,9 +40,10 @@ from tqdm import tqdm
 from daso import checkpoint as ckpt
 from daso.comm import allreduce_sum, broadcast_tensors, model_state_tensors, unwrap
 from daso.comm.control import Heartbeat, StopVote
-from daso.errors import CheckpointError, CommTimeoutError, DasoError, PeerFailureError
+from daso.errors import CommTimeoutError, DasoError, PeerFailureError
 from daso.faults import NonFiniteGuard, PreemptionSignals, describe_peer_failure
 from daso.log import configure_logging
+from daso.resume import Checkpointing
 from daso.strategies import build_strategy
 from daso.topology import ProcessGroups, init_distributed, shutdown_distributed
 
@@ -111,7 +112,7 @@ def _empty_partial() -> dict[str, float]:
     }
 
 
-class Trainer:
+class Trainer(Checkpointing):
     """Data-parallel training of ``model`` with the strategy the config names (DASO by default).
 
     Args:
@@ -506,142 +507,6 @@ class Trainer:
         )
         with self.metrics_path.open("a") as handle:
             handle.write(json.dumps(row) + "\n")
-
-    # -- checkpoints ---------------------------------------------------------------------------
-    def state_dict(self) -> dict[str, Any]:
-        """This rank's state: ``epoch``, ``batch``, ``model``, ``optimizer``, ``lr_scheduler``,
-        ``scaler`` and ``strategy`` (checkpoints gather it from every rank, see
-        :meth:`save_checkpoint`)."""
-        return {
-            "epoch": self.epoch,
-            "batch": self.batch,
-            "model": unwrap(self.model).state_dict(),
-            "optimizer": self.optimizer.state_dict(),
-            "lr_scheduler": self.lr_scheduler.state_dict() if self.lr_scheduler else None,
-            "scaler": self.scaler.state_dict(),
-            "strategy": self.strategy.state_dict(),
-        }
-
-    def _model_signature(self) -> list[tuple[str, list[int]]]:
-        return [(k, list(v.shape)) for k, v in unwrap(self.model).state_dict().items()]
-
-    def save_checkpoint(self) -> Path:
-        """Collective (every rank calls it at the same point): write a checkpoint of the run as
-        it stands, ``<checkpoint dir>/ckpt-e<epoch>-b<batch>.pt``, keeping the newest
-        ``checkpoint.keep`` (see :mod:`daso.checkpoint` for what it holds and how it is written).
-
-        Returns:
-            The checkpoint's path.
-
-        Raises:
-            NumericalError: a deferred NaN/Inf check fails (nothing is written).
-            CheckpointError: rank 0 could not write the file (older checkpoints are intact).
-        """
-        self._operation = f"checkpoint at epoch {self.epoch} batch {self.batch}"
-        self.guard.check()
-        if self.batch:
-            self._take_partial_metrics()
-        path = self.checkpoint_dir / ckpt.checkpoint_name(self.epoch, self.batch)
-        meta = {
-            "model": self.config.model.name,
-            "strategy": self.strategy.name,
-            "world_size": self.topology.world_size,
-            "layout": self.topology.ranks_per_node,
-            "epoch": self.epoch,
-            "batch": self.batch,
-            "model_signature": self._model_signature(),
-        }
-        shared = {
-            "history": self.history,
-            "lr_scheduler": self.lr_scheduler.state_dict() if self.lr_scheduler else None,
-            "scaler": self.scaler.state_dict(),
-            "config": self.config.model_dump(mode="json"),
-        }
-        own = {
-            "model": unwrap(self.model).state_dict(),
-            "optimizer": self.optimizer.state_dict(),
-            "strategy": self.strategy.state_dict(),
-        }
-        extra = {"rng": ckpt.capture_rng_state(), "partial": dict(self.partial)}
-        ckpt.gather_and_save(
-            path, meta, shared, own, extra, self.config.checkpoint.keep, self.groups.world_group
-        )
-        return path
-
-    def resume(self, source: str | Path = "auto") -> Path | None:
-        """Load the checkpoint at ``source``, or with ``"auto"`` the newest valid one in the
-        checkpoint folder (damaged ones are skipped with a warning). Call on every rank before
-        :meth:`fit`.
-
-        Returns:
-            The checkpoint loaded, or ``None`` for ``"auto"`` when there is none yet.
-
-        Raises:
-            CheckpointError: a missing or corrupt file (``source`` a path), or a checkpoint of
-                another model, strategy or an incompatible world size.
-        """
-        found = ckpt.resolve_resume(source, self.checkpoint_dir)
-        if found is None:
-            return None
-        path, checkpoint = found
-        exact = ckpt.check_compatible(
-            checkpoint,
-            path,
-            self.config.model.name,
-            self.strategy.name,
-            self.topology.ranks_per_node,
-        )
-        self.load_checkpoint(checkpoint, path, exact)
-        return path
-
-    def load_checkpoint(self, checkpoint: dict[str, Any], source: Path, exact: bool) -> None:
-        """Restore a checkpoint read by :func:`daso.checkpoint.read_checkpoint`.
-
-        Args:
-            checkpoint: the checkpoint's payload.
-            source: its path (for messages).
-            exact: this rank's own state and RNG stream are restored (same layout); else
-                rank 0's state is loaded everywhere and the RNG is re-seeded (a re-shard).
-
-        Raises:
-            CheckpointError: the checkpoint's model has other parameter names or shapes.
-        """
-        meta = checkpoint["meta"]
-        if [tuple(s) for s in meta["model_signature"]] != [
-            (k, v) for k, v in self._model_signature()
-        ]:
-            raise CheckpointError(
-                f"checkpoint {source} holds a model with other parameters (names or shapes) "
-                "than this run's; resume with the same model and model.width, or start fresh"
-            )
-        state = ckpt.rank_state(checkpoint, self.rank if exact else 0, self.device)
-        unwrap(self.model).load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.strategy.load_state_dict(state["strategy"])
-        shared = checkpoint["shared"]
-        if self.lr_scheduler is not None and shared["lr_scheduler"] is not None:
-            self.lr_scheduler.load_state_dict(shared["lr_scheduler"])
-        self.scaler.load_state_dict(shared["scaler"])
-        self.history = list(shared["history"])
-        self.epoch, self.batch = int(meta["epoch"]), int(meta["batch"])
-        if exact:
-            extra = ckpt.rank_extra(checkpoint, self.rank)
-            self.partial = dict(extra["partial"])
-            self._resumed_rng = extra["rng"]
-        else:
-            log.warning(
-                "%s was written on nodes %s; resharding to %s: RNG streams restart from the seed",
-                source,
-                list(meta["layout"]),
-                self.topology.ranks_per_node,
-            )
-            torch.manual_seed(self.config.trainer.seed + 1000 + self.rank + 7919 * self.epoch)
-        self._resumed = True
-        if self.rank == 0:
-            self.output_dir.mkdir(parents=True, exist_ok=True)
-            rows = "".join(json.dumps(row) + "\n" for row in self.history)
-            self.metrics_path.write_text(rows)
-        log.info("resumed from %s: epoch %d, batch %d", source, self.epoch, self.batch)
 
     def close(self, clean: bool = True) -> None:
         """Stop the strategy's communication threads and the heartbeat; leave
