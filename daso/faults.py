@@ -60,7 +60,8 @@ class PreemptionSignals:
 
     def __exit__(self, *exc: object) -> None:
         for signum, handler in self._previous.items():
-            signal.signal(signum, handler)
+            # None: a handler installed outside Python, which cannot be put back; use the default
+            signal.signal(signum, signal.SIG_DFL if handler is None else handler)
         self._previous.clear()
 
 
