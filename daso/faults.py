@@ -92,7 +92,8 @@ class NonFiniteGuard:
         self, loss: torch.Tensor, params: Iterable[torch.nn.Parameter], norm: Any = None
     ) -> torch.Tensor:
         """Device bool tensor: is ``loss`` or the gradient 2-norm (``norm`` if the caller has
-        it, e.g. from clipping) NaN or Inf? Costs one fused norm; no host synchronisation."""
+        it, e.g. from clipping) NaN or Inf? A norm that overflows float32 (entries beyond about
+        1e19) counts as Inf. Costs one fused norm; no host synchronisation."""
         if norm is None:
             grads = [p.grad for p in params if p.grad is not None]
             norm = torch.nn.utils.get_total_norm(grads) if grads else loss.new_zeros(())

@@ -32,7 +32,13 @@ def model_with_grads(value: float) -> torch.nn.Module:
 
 @pytest.mark.parametrize(
     "loss, grad, bad",
-    [(1.0, 0.5, False), (float("nan"), 0.5, True), (1.0, float("inf"), True), (1.0, 1e30, False)],
+    [
+        (1.0, 0.5, False),
+        (float("nan"), 0.5, True),
+        (1.0, float("inf"), True),
+        (1.0, 1e15, False),
+        (1.0, 1e30, True),
+    ],
 )
 def test_guard_flags_nonfinite_loss_or_gradient(loss, grad, bad):
     guard = NonFiniteGuard("stop", torch.device("cpu"), rank=3)
