@@ -5,7 +5,11 @@ and LR schedule (``configs/cifar10_bench.yaml``: ResNet-20 on 4,000 real CIFAR-1
 epochs, 2 emulated nodes x 2 ranks), once per link rate. Each run is ``daso emulate`` (one
 network namespace per node, ``tc tbf`` on each node's egress; see ``daso/emulate.py``). The
 ``no_comm`` bound (every rank trains alone on its shard) runs once, with no link traffic, and
-its rows are repeated under every link rate.
+its rows are repeated under every link rate. Per-strategy keys (``strategy_overrides``): DASO
+and ``local_sgd`` get a one-epoch synchronous warm-up; ``local_sgd``, ``easgd``, ``eamsgd`` and
+``async_easgd`` exchange every 4 steps; ``eamsgd`` uses the others' momentum 0.9 (as Nesterov);
+``downpour`` (period 1: asynchronous SGD) runs at LR / nodes, since every node's update lands on
+the center.
 
 Output, under ``--out-dir`` (default ``benchmarks/results``):
 
@@ -42,7 +46,17 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-DEFAULT_STRATEGIES = ["ddp", "hierarchical", "local_sgd", "daso", "horovod"]
+DEFAULT_STRATEGIES = [
+    "ddp",
+    "hierarchical",
+    "local_sgd",
+    "daso",
+    "horovod",
+    "easgd",
+    "eamsgd",
+    "async_easgd",
+    "downpour",
+]
 DEFAULT_RATES = ["unlimited", "1gbit", "200mbit", "50mbit"]
 COLUMNS = [
     "strategy",
@@ -59,14 +73,23 @@ COLUMNS = [
 ]
 
 
-def strategy_overrides(name: str, epochs: int, batches_per_epoch: int) -> list[str]:
-    """``--set`` values of one strategy: its name and the keys that make the runs comparable."""
+def strategy_overrides(
+    name: str, epochs: int, batches_per_epoch: int, lr: float, nodes: int
+) -> list[str]:
+    """``--set`` values of one strategy: its name and the keys that make the runs comparable
+    (``lr``: the config's learning rate, ``nodes``: the number of emulated nodes)."""
     sets = [f"strategy.name={name}"]
     warmup = 1 if epochs < 20 else 4
     if name == "daso":  # blocking warm-up and cool-down, as in the paper, scaled to the run
         sets += [f"strategy.warmup_epochs={warmup}", f"strategy.cooldown_epochs={warmup}"]
     if name == "local_sgd":  # the same synchronous warm-up as DASO, then average every 4 steps
         sets += ["strategy.period=4", f"strategy.warmup_steps={warmup * batches_per_epoch}"]
+    if name in ("easgd", "eamsgd", "async_easgd"):  # the elastic exchange every 4 steps too
+        sets += ["strategy.period=4"]
+    if name == "eamsgd":  # the others' momentum (0.9), as Nesterov: delta 0.99 diverges at LR 0.1
+        sets += ["strategy.momentum=0.9"]
+    if name == "downpour":  # p nodes push: the center moves p times per round; lr / p keeps
+        sets += [f"optim.lr={lr / nodes}"]  # synchronous SGD's step per sample
     return sets
 
 
@@ -113,7 +136,7 @@ def run_one(args: argparse.Namespace, strategy: str, rate: str, work: Path) -> l
     batches = args.train_images // world // args.batch_size
     sets = [
         f"trainer.epochs={args.epochs}",
-        *strategy_overrides(strategy, args.epochs, batches),
+        *strategy_overrides(strategy, args.epochs, batches, args.lr, args.nodes),
         *args.set,
     ]
     print(f"== {strategy} at {rate}", flush=True)
@@ -284,6 +307,7 @@ def main() -> None:
     )
     args.epochs = config.trainer.epochs
     args.batch_size = config.data.batch_size
+    args.lr = config.optim.lr
     args.train_images = config.data.train_subset or 50_000
     args.out_dir.mkdir(parents=True, exist_ok=True)
     work = args.out_dir / "runs"

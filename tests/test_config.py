@@ -80,7 +80,7 @@ def test_unknown_section(tmp_path):
         (
             "strategy:\n  name: gossip\n",
             "strategy.name",
-            "['daso', 'ddp', 'eamsgd', 'easgd', 'hierarchical'",
+            "['async_easgd', 'daso', 'ddp', 'downpour', 'eamsgd', 'easgd', 'hierarchical'",
         ),
     ],
 )

@@ -61,7 +61,7 @@ class Op(enum.IntEnum):
 
 
 def wait_all(
-    requests: Sequence[Any], timeout: float, what: str, peers: Sequence[int] = ()
+    requests: Sequence[Any], timeout: float, what: str, peers: Sequence[str] = ()
 ) -> float:
     """Complete ``requests`` (mpi4py requests), polling, within ``timeout`` seconds.
 
@@ -69,7 +69,8 @@ def wait_all(
         requests: the requests; all complete on success.
         timeout: seconds before giving up.
         what: the operation, for the error message.
-        peers: the peer rank of each request (same order), named in the error.
+        peers: the peer of each request (same order, e.g. from :func:`rank_names`), named in
+            the error.
 
     Returns:
         Seconds waited.
@@ -94,7 +95,7 @@ def wait_all(
                     pass
             raise CommTimeoutError(
                 f"parameter server: {what} did not complete within {timeout:g} s; no answer "
-                f"from rank(s) {late} of the server communicator (peer died or hangs)"
+                f"from {late} (peer died or hangs)"
             )
         time.sleep(pause)
         pause = min(2 * pause, MAX_POLL_SECONDS)
@@ -142,6 +143,7 @@ class ParameterServer:
         self.workers = requests.Get_size()
         self.remote = list(remote) if remote is not None else remote_flags(requests)
         self.applied = [0] * self.workers
+        self.names = rank_names(requests)
         self.bytes_sent = 0
         self.error: BaseException | None = None
         self.lock = threading.Lock()
@@ -170,17 +172,8 @@ class ParameterServer:
 
     def _handle(self, message: Any, source: int, op: Op) -> None:
         """Receive one request from worker ``source``, apply it, reply."""
-        if op in (Op.ELASTIC, Op.ADD):
-            wait_all(
-                [message.Irecv(as_mpi(self._incoming))],
-                self.timeout,
-                f"{op.name} receive",
-                [source],
-            )
-        else:
-            wait_all(
-                [message.Irecv([None, MPI.BYTE])], self.timeout, f"{op.name} receive", [source]
-            )
+        buffer = as_mpi(self._incoming) if op in (Op.ELASTIC, Op.ADD) else [None, MPI.BYTE]
+        wait_all([message.Irecv(buffer)], self.timeout, f"{op.name} receive", [self.names[source]])
         if op == Op.DONE:
             self._done.add(source)
             return
@@ -196,7 +189,7 @@ class ParameterServer:
             if op != Op.PULL:
                 self.applied[source] += 1
         request = self.replies.Isend(as_mpi(self._outgoing), dest=source, tag=int(op))
-        wait_all([request], self.timeout, f"{op.name} reply", [source])
+        wait_all([request], self.timeout, f"{op.name} reply", [self.names[source]])
         if self.remote[source]:
             self.bytes_sent += self._outgoing.numel() * 4
 
@@ -215,9 +208,9 @@ class ParameterServer:
         if self._thread.is_alive():
             self._stop.set()
             self._thread.join()
-            missing = sorted(set(range(self.workers)) - self._done)
+            missing = [self.names[r] for r in sorted(set(range(self.workers)) - self._done)]
             raise CommTimeoutError(
-                f"parameter server: no DONE from worker rank(s) {missing} within "
+                f"parameter server: no DONE from worker(s) {missing} within "
                 f"{self.timeout:g} s of shutdown (they died, hang, or never closed)"
             )
         self.check()
@@ -256,6 +249,7 @@ class ParameterClient:
         self.bytes_sent = 0
         self.wait_seconds = 0.0
         self.reply = torch.empty(numel, dtype=torch.float32)
+        self.names = rank_names(requests)
 
     def exchange(self, op: Op, payload: torch.Tensor | None = None) -> torch.Tensor:
         """Send ``payload`` (float32 ``[P]``, CPU; ``None`` for ``PULL``/``DONE``) to every
@@ -263,7 +257,7 @@ class ParameterClient:
 
         Returns:
             float32 ``[P]`` (a buffer reused by the next call): the servers' replies, shard by
-            shard (see the module's protocol table); empty for ``DONE``.
+            shard (see the module's protocol table); not written for ``DONE``.
 
         Raises:
             CommTimeoutError: a server did not answer within ``timeout`` seconds.
@@ -281,11 +275,17 @@ class ParameterClient:
                 if self.remote[server]:
                     self.bytes_sent += (stop - start) * 4
             sends.append(self.requests.Isend(buffer, dest=server, tag=int(op)))
-        servers = list(range(self.servers))
-        self.wait_seconds += wait_all(
-            sends + receives, self.timeout, f"{op.name} request", servers + servers[: len(receives)]
-        )
+        peers = self.names + self.names[: len(receives)]
+        self.wait_seconds += wait_all(sends + receives, self.timeout, f"{op.name} request", peers)
         return self.reply
+
+
+def rank_names(comm: Any) -> list[str]:
+    """For each rank ``r`` of ``comm``: ``"rank r (world rank g)"``, for error messages."""
+    world = MPI.Group.Translate_ranks(
+        comm.Get_group(), list(range(comm.Get_size())), MPI.COMM_WORLD.Get_group()
+    )
+    return [f"rank {r} (world rank {g})" for r, g in enumerate(world)]
 
 
 def remote_flags(comm: Any) -> list[bool]:
