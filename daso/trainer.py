@@ -39,7 +39,7 @@ from tqdm import tqdm
 
 from daso import checkpoint as ckpt
 from daso.comm import allreduce_sum, broadcast_tensors, model_state_tensors, unwrap
-from daso.comm.control import Heartbeat, StopVote
+from daso.comm.control import Heartbeat, NodeStopVote, StopVote
 from daso.errors import CommTimeoutError, DasoError, PeerFailureError
 from daso.faults import NonFiniteGuard, PreemptionSignals, describe_peer_failure
 from daso.log import configure_logging
@@ -195,16 +195,31 @@ class Trainer(Checkpointing):
         self._resumed = False
         self._stop_requested = False
         self._operation = "setup"
-        multi = self.topology.world_size > 1
-        control = None
-        if multi:
-            timeout = datetime.timedelta(seconds=tcfg.timeout_seconds)
-            control = dist.new_group(backend="gloo", timeout=timeout)
-        self.stop_vote = StopVote(control, tcfg.timeout_seconds)
+        self.heartbeat, self.stop_vote = self._control(tcfg.timeout_seconds)
+
+    def _control(self, timeout: float) -> tuple[Heartbeat | None, StopVote | NodeStopVote]:
+        """Heartbeats and the stop vote, over Gloo groups of their own: a per-batch vote over
+        all ranks for strategies in lockstep, a node-local one (nodes never wait for each other
+        during an epoch) for those whose nodes run on their own clocks."""
+        topo = self.topology
+        if topo.world_size == 1:
+            return None, StopVote(None, timeout)
+        delta = datetime.timedelta(seconds=timeout)
+        world = dist.new_group(backend="gloo", timeout=delta)
         address = self.groups.store_address
-        self.heartbeat = (
-            Heartbeat(*address, self.rank, self.topology.world_size) if multi and address else None
-        )
+        heartbeat = Heartbeat(*address, self.rank, topo.world_size) if address else None
+        if self.strategy.lockstep or heartbeat is None:
+            return heartbeat, StopVote(world, timeout)
+        if self.config.checkpoint.every_batches:
+            log.warning(
+                "checkpoint.every_batches is ignored by %s: its nodes run on their own clocks, "
+                "so checkpoints are taken at epoch ends (and on SIGTERM/SIGUSR1)",
+                self.strategy.name,
+            )
+        nodes = [topo.ranks_on_node(n) for n in range(topo.num_nodes)]
+        node, _ = dist.new_subgroups_by_enumeration(nodes, timeout=delta, backend="gloo")
+        node = node if topo.local_world_size > 1 else None
+        return heartbeat, NodeStopVote(node, world, heartbeat, timeout)
 
     # -- data ----------------------------------------------------------------------------------
     def _train_loader(self, dataset: Dataset) -> DataLoader:
@@ -338,7 +353,8 @@ class Trainer(Checkpointing):
         self.history.append(row)
         self._report(row)
         self._operation = f"epoch {epoch}: stop vote"
-        stop = bool(self.stop_vote.finish()) or self._stop_requested
+        # in lockstep the per-batch vote is the same everywhere; otherwise only finish() is
+        stop = bool(self.stop_vote.finish()) or (self._stop_requested and self.strategy.lockstep)
         self._stop_requested = False
         if stop:
             self.stopped = _signal_name(signals.received)
@@ -365,6 +381,7 @@ class Trainer(Checkpointing):
             self._resumed_rng = None
         loss_sum = torch.tensor(self.partial["loss_sum"], dtype=torch.float64, device=self.device)
         every = self.config.checkpoint.every_batches
+        lockstep_every = every if self.strategy.lockstep else None
         bar = tqdm(
             total=num_batches,
             initial=self.batch,
@@ -385,7 +402,9 @@ class Trainer(Checkpointing):
                 self._stop_requested = True
             if self.batch == num_batches:
                 break
-            if self._stop_requested or (every and self.batch % every == 0):
+            if self._stop_requested and not self.strategy.lockstep:
+                break  # a node on its own clock ends its epoch here; all stop at the epoch end
+            if self._stop_requested or (lockstep_every and self.batch % every == 0):
                 self.partial["loss_sum"] = loss_sum.item()
                 if self._stop_requested:
                     bar.close()

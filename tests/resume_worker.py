@@ -7,10 +7,11 @@
    epochs (``Trainer.stop_at_epoch``), with a checkpoint every ``every_batches`` batches too;
 3. ``resumed``: a new trainer resumes ``part``'s newest checkpoint and finishes;
 4. ``mid``: a new trainer resumes ``part``'s mid-epoch checkpoint (epoch ``stop_epoch - 1``,
-   batch ``every_batches``) and finishes.
+   batch ``every_batches``) and finishes (strategies in lockstep only).
 
-Each rank saves, per strategy and run, the SHA-256 of its final model and optimizer state and
-the run's per-epoch metrics, to ``OUT/rank<r>.pt``.
+Each rank saves, per strategy and run, the SHA-256 of its model and strategy state right after
+the resume and at the end, of its final optimizer state, and the run's per-epoch metrics, to
+``OUT/rank<r>.pt``.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from daso.comm import model_state_tensors, optimizer_state_tensors, unwrap
 from daso.config import load_config
 from daso.data import mnist_datasets
 from daso.models import build_model
+from daso.strategies import STRATEGIES
 from daso.topology import init_distributed, shutdown_distributed
 from daso.trainer import Trainer
 
@@ -46,6 +48,12 @@ DETERMINISTIC = (
 )
 
 
+def strategy_digest(trainer: Trainer) -> str:
+    """Digest of the tensors in the strategy's state (a center variable, a stored sum)."""
+    state = trainer.strategy.state_dict()
+    return digest([v for _, v in sorted(state.items()) if isinstance(v, torch.Tensor)])
+
+
 def run(groups: Any, overrides: list[str], data: tuple, stop: int | None, resume: Any) -> dict:
     config = load_config(None, overrides)
     torch.manual_seed(config.trainer.seed)
@@ -53,11 +61,14 @@ def run(groups: Any, overrides: list[str], data: tuple, stop: int | None, resume
     optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
     trainer = Trainer(model, optimizer, torch.nn.functional.cross_entropy, config, groups=groups)
     trainer.stop_at_epoch = stop
+    module = unwrap(trainer.model)
     if resume is not None:
         trainer.resume(resume)
+    start = {"model": digest(model_state_tensors(module)), "strategy": strategy_digest(trainer)}
     history = trainer.fit(*data)
-    module = unwrap(trainer.model)
     result = {
+        "start": start,
+        "strategy": strategy_digest(trainer),
         "model": digest(model_state_tensors(module)),
         "optimizer": digest(optimizer_state_tensors(trainer.optimizer)),
         "history": [{k: row.get(k) for k in DETERMINISTIC} for row in history],
@@ -103,8 +114,9 @@ def main() -> None:
                 None,
             ),
         }
-        mid = part_dir / checkpoint_name(stop - 1, every)
-        runs["mid"] = run(groups, at("mid"), data, None, mid)
+        if STRATEGIES[name].lockstep:  # the others checkpoint at epoch ends only
+            mid = part_dir / checkpoint_name(stop - 1, every)
+            runs["mid"] = run(groups, at("mid"), data, None, mid)
         runs["resumed"] = run(groups, at("part"), data, None, "auto")
         results[name] = runs
     torch.save(results, out / f"rank{groups.topology.rank}.pt")

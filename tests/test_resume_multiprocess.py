@@ -49,6 +49,11 @@ def check_exact(results, name):
         assert runs["part"]["stopped"] == "stop_at_epoch=2"
         assert len(runs["part"]["history"]) == 2
         assert len(full["history"]) == 4
+        resumed_from = runs["resumed"]["start"]  # the state the stopped run saved, exactly
+        assert resumed_from == {
+            "model": runs["part"]["model"],
+            "strategy": runs["part"]["strategy"],
+        }
         for label in ("resumed", "mid"):
             run = runs[label]
             assert run["stopped"] is None
@@ -71,3 +76,20 @@ def test_horovod_resumes_exactly(tmp_path):
     if not HAVE_HOROVOD and not REQUIRED:
         pytest.skip("Horovod not installed: run `make horovod`")
     check_exact(resume_runs(tmp_path, ["horovod"]), "horovod")
+
+
+def test_asynchronous_strategies_resume_where_they_stopped(tmp_path):
+    """``async_easgd`` and ``downpour`` apply pushes in arrival order, so two runs differ and
+    there is no bitwise target; a resume must still restore exactly the saved state (model,
+    center shard) and continue the metrics from the stopped run's."""
+    names = ["async_easgd", "downpour"]
+    results = resume_runs(tmp_path, names)
+    for name in names:
+        for per_rank in results:
+            runs = per_rank[name]
+            part, resumed = runs["part"], runs["resumed"]
+            assert part["stopped"] == "stop_at_epoch=2" and resumed["stopped"] is None
+            assert resumed["start"] == {"model": part["model"], "strategy": part["strategy"]}
+            assert resumed["history"][:2] == part["history"]
+            assert [row["epoch"] for row in resumed["history"]] == [0, 1, 2, 3]
+            assert resumed["history"][-1]["val_accuracy"] > 0.5

@@ -6,7 +6,8 @@ one-element int32 CPU tensor per batch over its own Gloo group: the vote started
 without waiting (a pre-emption signal that reaches only some ranks still stops all of them at
 one batch). Heartbeats are counters in the rendezvous store that a daemon thread on every rank
 bumps once a second; after a failure, the ranks whose counters stand still are the ones that
-stopped answering.
+stopped answering. Strategies whose nodes run on their own clocks use :class:`NodeStopVote`
+instead of the per-batch allreduce, so that no node ever waits for another during an epoch.
 """
 
 from __future__ import annotations
@@ -21,6 +22,9 @@ import torch
 import torch.distributed as dist
 
 log = logging.getLogger(__name__)
+
+#: Store key a rank posts when asked to stop (see :class:`NodeStopVote`).
+STOP_KEY = "daso/stop"
 
 
 class StopVote:
@@ -74,9 +78,53 @@ class StopVote:
         return int(self._tensor.item())
 
 
+class NodeStopVote:
+    """The stop vote of strategies whose nodes run on their own clocks (``Strategy.lockstep``
+    false): no per-batch collective spans nodes, so a fast node never waits for a slow one.
+
+    A rank that receives a signal posts ``daso/stop`` in the rendezvous store through its
+    :class:`Heartbeat`, whose thread also looks for that key on every beat; each batch the
+    node's ranks agree (a blocking one-int MAX allreduce inside the node) on whether any of them
+    has seen it, so a node stops at one batch; at the epoch's end :meth:`finish` is a blocking
+    vote over all ranks, so every node stops at the same epoch end.
+
+    Args:
+        node_group: a Gloo group of this node's ranks (``None``: a node of one rank).
+        world_group: a Gloo group of all ranks.
+        heartbeat: this rank's :class:`Heartbeat` (carries the flag between nodes).
+        timeout: seconds to wait for a vote before the error.
+    """
+
+    def __init__(self, node_group: Any, world_group: Any, heartbeat: Heartbeat, timeout: float):
+        self.node_group, self.world_group = node_group, world_group
+        self.heartbeat = heartbeat
+        self.timeout = datetime.timedelta(seconds=timeout)
+        self._requested = False
+
+    def _max(self, flag: int, group: Any) -> int:
+        tensor = torch.tensor([flag], dtype=torch.int32)
+        if group is not None:
+            dist.all_reduce(tensor, op=dist.ReduceOp.MAX, group=group)
+        return int(tensor.item())
+
+    def exchange(self, flag: int) -> int:
+        """This node's decision now: nonzero if any rank anywhere asked to stop (as far as the
+        store has told this node's ranks), equal on the node's ranks."""
+        if flag:
+            self._requested = True
+            self.heartbeat.request_stop()
+        return self._max(1 if flag or self.heartbeat.stop_seen() else 0, self.node_group)
+
+    def finish(self) -> int:
+        """Blocking vote of all ranks (an epoch's end): nonzero to stop, equal everywhere."""
+        seen = self._requested or self.heartbeat.stop_seen()
+        return self._max(1 if seen else 0, self.world_group)
+
+
 class Heartbeat:
     """A daemon thread bumping ``daso/heartbeat/<rank>`` in the rendezvous store every
-    ``interval`` seconds, and the probe that reads everyone's counters.
+    ``interval`` seconds, and the probe that reads everyone's counters. The same thread posts
+    and watches the ``daso/stop`` key for :class:`NodeStopVote`.
 
     Args:
         host, port: address of the rendezvous ``TCPStore`` (hosted by rank 0).
@@ -91,6 +139,8 @@ class Heartbeat:
         self.rank, self.world_size = rank, world_size
         self.interval = interval
         self._stop = threading.Event()
+        self._stop_requested = threading.Event()
+        self._stop_seen = threading.Event()
         self._thread = threading.Thread(target=self._beat, name="daso-heartbeat", daemon=True)
         self._thread.start()
 
@@ -108,9 +158,21 @@ class Heartbeat:
             key = f"daso/heartbeat/{self.rank}"
             while not self._stop.is_set():
                 store.add(key, 1)
+                if self._stop_requested.is_set() and not self._stop_seen.is_set():
+                    store.set(STOP_KEY, str(self.rank))
+                if store.check([STOP_KEY]):
+                    self._stop_seen.set()
                 self._stop.wait(self.interval)
         except Exception as err:  # noqa: BLE001 - the store's host is gone; nothing to beat to
             log.debug("heartbeat stopped: %s", err)
+
+    def request_stop(self) -> None:
+        """Post ``daso/stop`` for every rank to see (on the next beat)."""
+        self._stop_requested.set()
+
+    def stop_seen(self) -> bool:
+        """Whether ``daso/stop`` was in the store at the last beat."""
+        return self._stop_seen.is_set()
 
     def silent_ranks(self, window: float | None = None) -> list[int] | None:
         """Ranks whose heartbeat did not advance over ``window`` seconds (default three beats).

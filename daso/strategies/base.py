@@ -75,6 +75,10 @@ class Strategy(abc.ABC):
     """
 
     name: ClassVar[str] = ""
+    #: ``False`` for strategies whose nodes run on their own clocks (``async_easgd``,
+    #: ``downpour``): the trainer then puts no per-batch collective across nodes (its stop vote
+    #: goes through the rendezvous store) and checkpoints only at epoch ends.
+    lockstep: ClassVar[bool] = True
 
     def __init__(self, groups: ProcessGroups, epochs: int, timeout_seconds: float = 300.0) -> None:
         self.groups = groups

@@ -70,6 +70,7 @@ class CenterServerStrategy(Strategy):
 
     #: alpha of the servers' elastic rule (``None``: the strategy only adds updates).
     moving_rate: float | None = None
+    lockstep = False  # nodes run on their own clocks: the trainer never makes them wait
 
     def __init__(
         self,
@@ -100,7 +101,11 @@ class CenterServerStrategy(Strategy):
         topo = self.topology
         self.optimizer = optimizer
         self.model = wrap_data_parallel(
-            model, self.groups.node_group, topo.local_world_size, self.groups.device
+            model,
+            self.groups.node_group,
+            topo.local_world_size,
+            self.groups.device,
+            fixed_buckets=self.deterministic,
         )
         self.state = FlatBuffer(model_state_tensors(model), device=self.groups.device)
         if self.leader:
