@@ -121,7 +121,8 @@ def train_emulated(
         "--config",
         str(config),
     ]
-    for item in [f"trainer.output_dir={out}", *sets]:
+    # one checkpoint at the end: per-epoch ones would add their writes to the timed epochs
+    for item in [f"trainer.output_dir={out}", "checkpoint.every_epochs=0", *sets]:
         command += ["--set", item]
     result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True)
     if result.returncode != 0:

@@ -26,6 +26,7 @@ from typing import Any, ClassVar
 
 import torch
 
+from daso.comm import wrap_data_parallel
 from daso.topology import ProcessGroups
 
 
@@ -89,6 +90,17 @@ class Strategy(abc.ABC):
         self.optimizer: torch.optim.Optimizer | None = None
         self.num_batches = 0
         self.deterministic = False
+
+    def wrap_in_node(self, model: torch.nn.Module) -> torch.nn.Module:
+        """``model`` under DDP over this rank's node group (gradients averaged inside the node
+        every step), honouring :attr:`deterministic`; ``model`` itself on a node of one rank."""
+        return wrap_data_parallel(
+            model,
+            self.groups.node_group,
+            self.topology.local_world_size,
+            self.groups.device,
+            fixed_buckets=self.deterministic,
+        )
 
     @abc.abstractmethod
     def wrap(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> torch.nn.Module:

@@ -40,7 +40,7 @@ from typing import Any
 import torch
 from mpi4py import MPI
 
-from daso.comm import FlatBuffer, broadcast, model_state_tensors, shard_bounds, wrap_data_parallel
+from daso.comm import FlatBuffer, broadcast, model_state_tensors, shard_bounds
 from daso.comm.param_server import Op, ParameterClient, ParameterServer
 from daso.errors import ConfigError, TopologyError
 from daso.strategies.base import EpochCounters, Strategy
@@ -98,15 +98,8 @@ class CenterServerStrategy(Strategy):
 
     # -- setup ---------------------------------------------------------------------------------
     def wrap(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> torch.nn.Module:
-        topo = self.topology
         self.optimizer = optimizer
-        self.model = wrap_data_parallel(
-            model,
-            self.groups.node_group,
-            topo.local_world_size,
-            self.groups.device,
-            fixed_buckets=self.deterministic,
-        )
+        self.model = self.wrap_in_node(model)
         self.state = FlatBuffer(model_state_tensors(model), device=self.groups.device)
         if self.leader:
             self._start_server(self.state.pack().cpu())

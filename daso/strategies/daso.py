@@ -36,7 +36,6 @@ from daso.comm import (
     model_state_tensors,
     no_sync,
     optimizer_state_tensors,
-    wrap_data_parallel,
 )
 from daso.schedule import DASOSchedule
 from daso.strategies.averaging import CrossNodeAverager
@@ -110,13 +109,7 @@ class DASOStrategy(Strategy):
     # -- setup -------------------------------------------------------------------------------
     def wrap(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> torch.nn.Module:
         self.optimizer = optimizer
-        self.model = wrap_data_parallel(
-            model,
-            self.groups.node_group,
-            self.topology.local_world_size,
-            self.groups.device,
-            fixed_buckets=self.deterministic,
-        )
+        self.model = self.wrap_in_node(model)
         self.averager = CrossNodeAverager(
             self.groups,
             model_state_tensors(model),

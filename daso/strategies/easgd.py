@@ -37,7 +37,6 @@ from daso.comm import (
     FlatBuffer,
     broadcast,
     broadcast_tensors,
-    wrap_data_parallel,
 )
 from daso.errors import ConfigError
 from daso.strategies.averaging import shard_sum_link, sum_shards_over_nodes
@@ -140,18 +139,11 @@ class EASGDStrategy(Strategy):
         self.cross: CrossNodeSum | None = None
 
     def wrap(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> torch.nn.Module:
-        topo = self.topology
         if self.momentum is not None:
             for group in optimizer.param_groups:
                 group.update(momentum=self.momentum, nesterov=True, dampening=0)
         self.optimizer = optimizer
-        self.model = wrap_data_parallel(
-            model,
-            self.groups.node_group,
-            topo.local_world_size,
-            self.groups.device,
-            fixed_buckets=self.deterministic,
-        )
+        self.model = self.wrap_in_node(model)
         tensors = [p for p in model.parameters()] + [
             b for b in model.buffers() if b.is_floating_point()
         ]

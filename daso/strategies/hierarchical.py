@@ -24,7 +24,6 @@ from daso.comm import (
     FlatBuffer,
     broadcast_tensors,
     model_state_tensors,
-    wrap_data_parallel,
 )
 from daso.strategies.averaging import shard_sum_link, sum_shards_over_nodes
 from daso.strategies.base import EpochCounters, Strategy, synchronous_metrics
@@ -61,15 +60,8 @@ class HierarchicalStrategy(Strategy):
         self.cross: CrossNodeSum | None = None
 
     def wrap(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> torch.nn.Module:
-        topo = self.topology
         self.optimizer = optimizer
-        self.model = wrap_data_parallel(
-            model,
-            self.groups.node_group,
-            topo.local_world_size,
-            self.groups.device,
-            fixed_buckets=self.deterministic,
-        )
+        self.model = self.wrap_in_node(model)
         self.params = [p for p in model.parameters() if p.requires_grad]
         self.grads = FlatBuffer(self.params, device=self.groups.device)
         self.cross = shard_sum_link(self.groups, self.grads.numel, self.wire_dtype, self.timeout)

@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from daso.comm import WIRE_DTYPES, model_state_tensors, wrap_data_parallel
+from daso.comm import WIRE_DTYPES, model_state_tensors
 from daso.errors import ConfigError
 from daso.strategies.averaging import CrossNodeAverager
 from daso.strategies.base import EpochCounters, Strategy
@@ -62,13 +62,7 @@ class LocalSGDStrategy(Strategy):
 
     def wrap(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> torch.nn.Module:
         self.optimizer = optimizer
-        self.model = wrap_data_parallel(
-            model,
-            self.groups.node_group,
-            self.topology.local_world_size,
-            self.groups.device,
-            fixed_buckets=self.deterministic,
-        )
+        self.model = self.wrap_in_node(model)
         self.averager = CrossNodeAverager(
             self.groups, model_state_tensors(model), self.wire_dtype, self.timeout
         )
