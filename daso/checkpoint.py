@@ -168,23 +168,33 @@ def gather_and_save(
     if not dist.is_initialized():
         _write(path, meta, shared, [state_blob], [0], [extra], keep)
         return
+    group = group or dist.group.WORLD
     world = dist.get_world_size(group)
     rank = dist.get_rank(group)
     digests: list[Any] = [None] * world
-    dist.all_gather_object(digests, (digest, extra), group=group)
+    dist.all_gather_object(digests, digest, group=group)  # 64 bytes a rank
+    extras: list[Any] | None = [None] * world if rank == 0 else None
+    dist.gather_object(extra, extras, dst=0, group=group)  # small and of similar sizes
     owners: dict[str, int] = {}
-    for r, (d, _) in enumerate(digests):
+    for r, d in enumerate(digests):
         owners.setdefault(d, r)
-    mine = state_blob if owners[digest] == rank else None
-    blobs: list[Any] = [None] * world if rank == 0 else None
-    dist.gather_object(mine, blobs, dst=0, group=group)
+    # each distinct state travels once, point to point (gather_object would pad every rank's
+    # contribution to the largest, sending a full state from every rank)
+    blobs = {0: state_blob} if rank == 0 else {}
+    for owner in sorted(set(owners.values()) - {0}):
+        box = [state_blob]
+        if rank == owner:
+            dist.send_object_list(box, dst=dist.get_global_rank(group, 0), group=group)
+        elif rank == 0:
+            dist.recv_object_list(box, src=dist.get_global_rank(group, owner), group=group)
+            blobs[owner] = box[0]
     error = [None]
     if rank == 0:
         order = list(owners)
         states = [blobs[owners[d]] for d in order]
-        index = [order.index(d) for d, _ in digests]
+        index = [order.index(d) for d in digests]
         try:
-            _write(path, meta, shared, states, index, [r for _, r in digests], keep)
+            _write(path, meta, shared, states, index, extras, keep)
         except OSError as err:
             error[0] = f"rank 0 could not write checkpoint {path}: {err}"
     dist.broadcast_object_list(error, src=0, group=group)

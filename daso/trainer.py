@@ -198,28 +198,30 @@ class Trainer(Checkpointing):
         self.heartbeat, self.stop_vote = self._control(tcfg.timeout_seconds)
 
     def _control(self, timeout: float) -> tuple[Heartbeat | None, StopVote | NodeStopVote]:
-        """Heartbeats and the stop vote, over Gloo groups of their own: a per-batch vote over
-        all ranks for strategies in lockstep, a node-local one (nodes never wait for each other
-        during an epoch) for those whose nodes run on their own clocks."""
+        """Heartbeats and the stop vote, over Gloo groups of their own (one per node, one of the
+        node leaders): a per-batch vote for strategies in lockstep, a store-based one (nodes
+        never wait for each other during an epoch) for those whose nodes run on their own
+        clocks."""
         topo = self.topology
         if topo.world_size == 1:
-            return None, StopVote(None, timeout)
+            return None, StopVote(None, None, True, timeout)
         delta = datetime.timedelta(seconds=timeout)
-        world = dist.new_group(backend="gloo", timeout=delta)
+        nodes = [topo.ranks_on_node(n) for n in range(topo.num_nodes)]
+        node, _ = dist.new_subgroups_by_enumeration(nodes, timeout=delta, backend="gloo")
+        leaders = dist.new_group([r[0] for r in nodes], timeout=delta, backend="gloo")
+        node = node if topo.local_world_size > 1 else None
+        leaders = leaders if topo.local_rank == 0 and topo.num_nodes > 1 else None
         address = self.groups.store_address
         heartbeat = Heartbeat(*address, self.rank, topo.world_size) if address else None
         if self.strategy.lockstep or heartbeat is None:
-            return heartbeat, StopVote(world, timeout)
+            return heartbeat, StopVote(node, leaders, topo.local_rank == 0, timeout)
         if self.config.checkpoint.every_batches:
             log.warning(
                 "checkpoint.every_batches is ignored by %s: its nodes run on their own clocks, "
                 "so checkpoints are taken at epoch ends (and on SIGTERM/SIGUSR1)",
                 self.strategy.name,
             )
-        nodes = [topo.ranks_on_node(n) for n in range(topo.num_nodes)]
-        node, _ = dist.new_subgroups_by_enumeration(nodes, timeout=delta, backend="gloo")
-        node = node if topo.local_world_size > 1 else None
-        return heartbeat, NodeStopVote(node, world, heartbeat, timeout)
+        return heartbeat, NodeStopVote(node, leaders, heartbeat, timeout)
 
     # -- data ----------------------------------------------------------------------------------
     def _train_loader(self, dataset: Dataset) -> DataLoader:

@@ -83,8 +83,8 @@ def main() -> None:
     params = json.loads(sys.argv[2])
     torch.set_num_threads(1)
     groups = init_distributed("cpu", timeout_seconds=120)
-    train, val = mnist_datasets(None, val_size=params.get("val_size", 128), seed=0)
-    train = torch.utils.data.Subset(train, range(params.get("train_size", 512)))
+    train, val = mnist_datasets(None, val_size=params.get("val_size", 64), seed=0)
+    train = torch.utils.data.Subset(train, range(params.get("train_size", 384)))
     data = (train, val)
     epochs, stop, every = params["epochs"], params["stop_epoch"], params["every_batches"]
     results: dict[str, dict[str, Any]] = {}

@@ -66,11 +66,13 @@ def test_guard_rejects_unknown_policy():
         NonFiniteGuard("ignore", torch.device("cpu"), rank=0)
 
 
-def test_single_process_vote_reports_the_previous_round():
-    vote = StopVote(None, timeout=1.0)
+def test_single_process_vote_answers_three_batches_later():
+    vote = StopVote(None, None, leader=True, timeout=1.0)
+    answers = [vote.exchange(flag) for flag in (1, 0, 0, 0, 0)]
+    assert answers == [0, 0, 0, 1, 0]
     assert vote.exchange(1) == 0
-    assert vote.exchange(0) == 1
-    assert vote.finish() == 0
+    assert vote.finish() == 1  # a flag still in flight counts at the end
+    assert vote.exchange(0) == 0  # nothing left in flight after finish
 
 
 def test_failure_message_names_operation_and_silent_ranks():

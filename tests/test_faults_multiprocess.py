@@ -24,11 +24,11 @@ from mpi_harness import MPIEXEC, ROOT, mpi_env, run_command, train_args
 pytestmark = pytest.mark.multiprocess
 
 OUTLIVE = ROOT / "tests" / "outlive.py"
-#: A DASO run long enough to be interrupted in its second epoch (32 batches per epoch).
+#: A DASO run long enough to be interrupted in its second epoch (16 batches per epoch).
 DASO_RUN = (
     "trainer.epochs=3",
     "trainer.deterministic=true",
-    "data.train_subset=4096",
+    "data.train_subset=2048",
     "data.val_subset=256",
     "strategy.warmup_epochs=1",
     "strategy.cooldown_epochs=1",
@@ -111,7 +111,7 @@ def test_sigterm_mid_epoch_checkpoints_exits_75_and_resumes_exactly(tmp_path):
     assert "received SIGTERM" in log and "exit code 75" in log
     newest = ckpt.list_checkpoints(out / "checkpoints")[0]
     meta = ckpt.read_checkpoint(newest)["meta"]
-    assert meta["epoch"] == 1 and 0 < meta["batch"] < 32, meta  # mid-epoch
+    assert meta["epoch"] == 1 and 0 < meta["batch"] < 16, meta  # mid-epoch
     resumed = run_command([*args, "--resume", "auto"], 4, "2")
     assert resumed.returncode == 0, resumed.stderr
     assert f"resumed from {newest}" in resumed.stderr

@@ -1,12 +1,12 @@
 """Control traffic beside training: a per-batch stop vote, and heartbeats that name dead ranks.
 
-Both are tiny and off the critical path. The stop vote is one non-blocking MAX allreduce of a
-one-element int32 CPU tensor per batch over its own Gloo group: the vote started after batch
-``b`` is read after batch ``b + 1``, so every rank learns the same answer at the same batch
-without waiting (a pre-emption signal that reaches only some ranks still stops all of them at
-one batch). Heartbeats are counters in the rendezvous store that a daemon thread on every rank
-bumps once a second; after a failure, the ranks whose counters stand still are the ones that
-stopped answering. Strategies whose nodes run on their own clocks use :class:`NodeStopVote`
+Both are tiny and off the critical path. The stop vote is, per batch, two non-blocking one-int
+MAX allreduces, one inside each node and one among the node leaders, each read a batch later:
+every rank learns the same answer at the same batch without waiting (a pre-emption signal that
+reaches only some ranks still stops all of them at one batch), and only one rank per node talks
+across nodes. Heartbeats are counters in the rendezvous store that a daemon thread on every
+rank bumps once a second; after a failure, the ranks whose counters stand still are the ones
+that stopped answering. Strategies whose nodes run on their own clocks use :class:`NodeStopVote`
 instead of the per-batch allreduce, so that no node ever waits for another during an epoch.
 """
 
@@ -27,98 +27,145 @@ log = logging.getLogger(__name__)
 STOP_KEY = "daso/stop"
 
 
-class StopVote:
-    """A running vote, one round per call of :meth:`exchange`, of whether to stop.
+def _max(values: list[int], group: Any) -> list[int]:
+    """Element-wise maximum of small ints over ``group`` (blocking; ``None``: just this rank)."""
+    tensor = torch.tensor(values, dtype=torch.int32)
+    if group is not None:
+        dist.all_reduce(tensor, op=dist.ReduceOp.MAX, group=group)
+    return tensor.tolist()
+
+
+def node_then_leaders_max(flag: int, node_group: Any, leader_group: Any) -> int:
+    """Blocking maximum of ``flag`` over all ranks, in three steps so that only one rank per
+    node talks across nodes: inside the node, among the node leaders, inside the node again."""
+    (flag,) = _max([flag], node_group)
+    if leader_group is not None:
+        (flag,) = _max([flag], leader_group)
+    return _max([flag], node_group)[0]
+
+
+class _Rounds:
+    """Non-blocking one-round-at-a-time MAX allreduces of small int vectors."""
+
+    def __init__(self, timeout: float) -> None:
+        self.timeout = datetime.timedelta(seconds=timeout)
+
+    @staticmethod
+    def _start(values: list[int], group: Any) -> tuple[Any, torch.Tensor]:
+        tensor = torch.tensor(values, dtype=torch.int32)
+        if group is None:
+            return None, tensor
+        work = dist.all_reduce(tensor, op=dist.ReduceOp.MAX, group=group, async_op=True)
+        return work, tensor
+
+    def _wait(self, pending: tuple[Any, torch.Tensor] | None, size: int) -> list[int]:
+        if pending is None:
+            return [0] * size
+        work, tensor = pending
+        if work is not None:
+            work.wait(self.timeout)
+        return tensor.tolist()
+
+
+class StopVote(_Rounds):
+    """A running vote of whether to stop, one round per call of :meth:`exchange`, for strategies
+    whose ranks move in lockstep: it never blocks on a slow peer, and every rank gets the same
+    answer at the same batch.
+
+    Each call starts two non-blocking one-int MAX allreduces and reads the ones the previous
+    call started (done by then): one inside the node, carrying the ranks' flags and the
+    leader's latest world result, and one among the node leaders (local rank 0), carrying the
+    node's flag. A flag raised at batch ``b`` reaches every rank's answer at batch ``b + 3``;
+    only the leaders talk across nodes.
 
     Args:
-        group: a Gloo group of all ranks (e.g. ``dist.new_group(backend="gloo")``), or
-            ``None`` for a single process.
+        node_group: a Gloo group of this node's ranks, or ``None`` for a node of one rank.
+        leader_group: a Gloo group of the node leaders when this rank is one and there are
+            several nodes, else ``None``.
+        leader: whether this rank is its node's leader (local rank 0).
         timeout: seconds to wait for a round before the error (a rank stopped answering).
 
     The vote is a collective: every rank must call :meth:`exchange` the same number of times.
     """
 
-    def __init__(self, group: Any, timeout: float) -> None:
-        self.group = group
-        self.timeout = datetime.timedelta(seconds=timeout)
-        self._tensor = torch.zeros(1, dtype=torch.int32)
-        self._work: Any = None
-        self._single = 0  # the round "in flight" of a single process
+    def __init__(self, node_group: Any, leader_group: Any, leader: bool, timeout: float) -> None:
+        super().__init__(timeout)
+        self.node_group, self.leader_group, self.leader = node_group, leader_group, leader
+        self._node: tuple[Any, torch.Tensor] | None = None
+        self._leaders: tuple[Any, torch.Tensor] | None = None
 
     def exchange(self, flag: int) -> int:
-        """Finish the round started by the previous call and start one with ``flag``.
+        """Read the rounds started by the previous call and start new ones with ``flag``.
 
         Args:
             flag: this rank's vote, an int >= 0 (0 = go on).
 
         Returns:
-            The maximum vote of the previous round over all ranks (0 on the first call).
+            The world's answer, equal on every rank (0 until a flag has gone round).
 
         Raises:
             torch.distributed.DistError: a rank died or did not vote within ``timeout``.
         """
-        result = self.finish()
-        self._tensor.fill_(flag)
-        if self.group is not None:
-            self._work = dist.all_reduce(
-                self._tensor, op=dist.ReduceOp.MAX, group=self.group, async_op=True
-            )
-        else:
-            self._work = None
-            self._single = flag
-        return result
+        world = self._wait(self._leaders, 1)[0] if self.leader else 0
+        node_flag, answer = self._wait(self._node, 2)
+        self._node = self._start([flag, world], self.node_group)
+        if self.leader:
+            self._leaders = self._start([node_flag], self.leader_group)
+        return answer
 
     def finish(self) -> int:
-        """Wait for the round in flight (if any) and return its result; no new round."""
-        if self._work is None:
-            result, self._single = self._single, 0
-            return result
-        self._work.wait(self.timeout)
-        self._work = None
-        return int(self._tensor.item())
+        """Blocking end of the vote (an epoch's end): read the rounds in flight and agree on
+        one answer over all ranks, counting every flag raised so far."""
+        world = self._wait(self._leaders, 1)[0] if self.leader else 0
+        node_flag, answer = self._wait(self._node, 2)
+        self._node = self._leaders = None
+        return node_then_leaders_max(
+            max(world, node_flag, answer), self.node_group, self.leader_group
+        )
 
 
-class NodeStopVote:
+class NodeStopVote(_Rounds):
     """The stop vote of strategies whose nodes run on their own clocks (``Strategy.lockstep``
     false): no per-batch collective spans nodes, so a fast node never waits for a slow one.
 
     A rank that receives a signal posts ``daso/stop`` in the rendezvous store through its
-    :class:`Heartbeat`, whose thread also looks for that key on every beat; each batch the
-    node's ranks agree (a blocking one-int MAX allreduce inside the node) on whether any of them
-    has seen it, so a node stops at one batch; at the epoch's end :meth:`finish` is a blocking
+    :class:`Heartbeat`, whose thread also looks for that key on every beat; the node's ranks
+    agree on what they have seen through a non-blocking MAX allreduce inside the node, read a
+    batch later, so a node stops at one batch; at the epoch's end :meth:`finish` is a blocking
     vote over all ranks, so every node stops at the same epoch end.
 
     Args:
-        node_group: a Gloo group of this node's ranks (``None``: a node of one rank).
-        world_group: a Gloo group of all ranks.
+        node_group, leader_group: as for :class:`StopVote`.
         heartbeat: this rank's :class:`Heartbeat` (carries the flag between nodes).
-        timeout: seconds to wait for a vote before the error.
+        timeout: seconds to wait for a round before the error.
     """
 
-    def __init__(self, node_group: Any, world_group: Any, heartbeat: Heartbeat, timeout: float):
-        self.node_group, self.world_group = node_group, world_group
+    def __init__(
+        self, node_group: Any, leader_group: Any, heartbeat: Heartbeat, timeout: float
+    ) -> None:
+        super().__init__(timeout)
+        self.node_group, self.leader_group = node_group, leader_group
         self.heartbeat = heartbeat
-        self.timeout = datetime.timedelta(seconds=timeout)
         self._requested = False
-
-    def _max(self, flag: int, group: Any) -> int:
-        tensor = torch.tensor([flag], dtype=torch.int32)
-        if group is not None:
-            dist.all_reduce(tensor, op=dist.ReduceOp.MAX, group=group)
-        return int(tensor.item())
+        self._node: tuple[Any, torch.Tensor] | None = None
 
     def exchange(self, flag: int) -> int:
         """This node's decision now: nonzero if any rank anywhere asked to stop (as far as the
-        store has told this node's ranks), equal on the node's ranks."""
+        store had told this node's ranks a batch ago), equal on the node's ranks."""
         if flag:
             self._requested = True
             self.heartbeat.request_stop()
-        return self._max(1 if flag or self.heartbeat.stop_seen() else 0, self.node_group)
+        answer = self._wait(self._node, 1)[0]
+        seen = 1 if flag or self.heartbeat.stop_seen() else 0
+        self._node = self._start([seen], self.node_group)
+        return answer
 
     def finish(self) -> int:
         """Blocking vote of all ranks (an epoch's end): nonzero to stop, equal everywhere."""
-        seen = self._requested or self.heartbeat.stop_seen()
-        return self._max(1 if seen else 0, self.world_group)
+        pending = self._wait(self._node, 1)[0]
+        self._node = None
+        seen = 1 if pending or self._requested or self.heartbeat.stop_seen() else 0
+        return node_then_leaders_max(seen, self.node_group, self.leader_group)
 
 
 class Heartbeat:
