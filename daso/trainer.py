@@ -203,12 +203,14 @@ class Trainer(Checkpointing):
         never wait for each other during an epoch) for those whose nodes run on their own
         clocks."""
         topo = self.topology
+        self._control_groups: list[Any] = []
         if topo.world_size == 1:
             return None, StopVote(None, None, True, timeout)
         delta = datetime.timedelta(seconds=timeout)
         nodes = [topo.ranks_on_node(n) for n in range(topo.num_nodes)]
         node, _ = dist.new_subgroups_by_enumeration(nodes, timeout=delta, backend="gloo")
         leaders = dist.new_group([r[0] for r in nodes], timeout=delta, backend="gloo")
+        self._control_groups = [node, leaders] if topo.local_rank == 0 else [node]
         node = node if topo.local_world_size > 1 else None
         leaders = leaders if topo.local_rank == 0 and topo.num_nodes > 1 else None
         address = self.groups.store_address
@@ -543,6 +545,8 @@ class Trainer(Checkpointing):
             return
         self.stop_vote.finish()
         self.strategy.close()
+        for group in self._control_groups:
+            dist.destroy_process_group(group)
         if self.owns_groups:
             shutdown_distributed()
 

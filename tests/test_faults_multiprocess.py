@@ -128,7 +128,7 @@ def test_sigterm_mid_epoch_checkpoints_exits_75_and_resumes_exactly(tmp_path):
 
 @pytest.mark.parametrize("how", [signal.SIGKILL, signal.SIGSTOP], ids=["killed", "frozen"])
 def test_dead_or_stuck_rank_stops_every_rank_within_the_timeout(tmp_path, how):
-    timeout = 10
+    timeout = 6
     out = tmp_path / "run"
     args = train_args("mnist_cnn_daso.yaml", out, *DASO_RUN, f"trainer.timeout_seconds={timeout}")
     proc = launch(args, outlive=True)

@@ -28,12 +28,13 @@ STRATEGIES = {
 }
 
 
-def resume_runs(tmp_path, strategies, n=4, layout="2", timeout=300):
+def resume_runs(tmp_path, strategies, n=4, layout="2", timeout=300, train_size=384):
     params = {
         "strategies": [[name, STRATEGIES.get(name, {})] for name in strategies],
         "epochs": 4,
         "stop_epoch": 2,
         "every_batches": 3,
+        "train_size": train_size,  # 384: 6 batches of 16 per rank and epoch
     }
     result = run_command(
         [sys.executable, str(WORKER), str(tmp_path), json.dumps(params)], n, layout, timeout
@@ -75,7 +76,7 @@ def test_horovod_resumes_exactly(tmp_path):
 
     if not HAVE_HOROVOD and not REQUIRED:
         pytest.skip("Horovod not installed: run `make horovod`")
-    check_exact(resume_runs(tmp_path, ["horovod"]), "horovod")
+    check_exact(resume_runs(tmp_path, ["horovod"], train_size=256), "horovod")
 
 
 def test_asynchronous_strategies_resume_where_they_stopped(tmp_path):
