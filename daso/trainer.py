@@ -129,6 +129,16 @@ class Trainer(Checkpointing):
         groups: process groups from :func:`daso.topology.init_distributed` (default: created
             here from the launcher's environment).
 
+    Attributes:
+        epoch: epochs completed; ``batch``: batches done of the next (after a mid-epoch resume).
+        history: the per-epoch metric rows (see :meth:`fit`).
+        checkpoint_dir: where :meth:`save_checkpoint` writes (``config.checkpoint_folder()``).
+        stop_at_epoch: set to stop (checkpoint, :attr:`stopped`) after that many epochs.
+        stopped: why :meth:`fit` returned before the last epoch (a signal's name), or ``None``.
+        heartbeat, stop_vote: the control traffic (:mod:`daso.comm.control`).
+
+    Resume with :meth:`resume` before :meth:`fit`; see :mod:`daso.resume`.
+
     Raises:
         TopologyError: the launcher's environment describes an impossible cluster.
         ConfigError: the strategy's options are inconsistent.
