@@ -194,3 +194,29 @@ def test_nan_skip_is_consistent_and_never_reaches_parameters(tmp_path):
             assert run["finite"]
             assert run["val_accuracy"] > 0.5
         assert len({per_rank[name]["model"] for per_rank in ranks}) == 1  # identical at the end
+
+
+def test_sigterm_stops_asynchronous_nodes_together_at_the_epoch_end(tmp_path):
+    """``async_easgd`` keeps its nodes apart during an epoch: the signal travels through the
+    store, every node ends that epoch early and all stop at its end with one checkpoint."""
+    out = tmp_path / "run"
+    args = train_args(
+        "mnist_cnn_async_easgd.yaml",
+        out,
+        "trainer.epochs=3",
+        "data.train_subset=2048",
+        "data.val_subset=256",
+    )
+    proc = launch(args)
+    wait_for(lambda: (out / "metrics.jsonl").exists(), 180, proc)
+    os.kill(rank_pids(str(out))[2], signal.SIGUSR1)  # a rank of node 1 only
+    log = finish(proc, 120)
+    assert proc.returncode == 75, log
+    assert "received SIGUSR1" in log
+    newest = ckpt.list_checkpoints(out / "checkpoints")[0]
+    meta = ckpt.read_checkpoint(newest)["meta"]
+    assert (meta["epoch"], meta["batch"]) == (2, 0), meta  # the interrupted epoch's end
+    resumed = run_command([*args, "--resume", "auto"], 4, "2")
+    assert resumed.returncode == 0, resumed.stderr
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [row["epoch"] for row in rows] == [0, 1, 2]
