@@ -119,7 +119,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     """
     import torch
 
-    from daso.config import check_launch, load_config
+    from daso.config import check_launch, check_writable, load_config
     from daso.models import build_model
     from daso.topology import read_launcher_env
 
@@ -133,6 +133,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         len(train_set),
         _data_classes(config, train_set),
     )
+    check_writable(config)
     torch.manual_seed(config.trainer.seed)
     model = build_model(
         config.model.name,

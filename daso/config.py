@@ -567,3 +567,26 @@ def reference_table() -> str:
     rows = ["| key | type | default | meaning |", "|---|---|---|---|"]
     rows += [f"| `{k}` | {t} | `{d}` | {m} |" for k, t, d, m in iter_reference()]
     return "\n".join(rows)
+
+
+def check_writable(config: Config) -> None:
+    """Check, without creating anything, that the run can write its outputs: the nearest
+    existing folder above ``trainer.output_dir`` and above the checkpoint folder must be a
+    writable directory.
+
+    Raises:
+        ConfigError: naming the key, the path and the fix.
+    """
+    for key, path in (
+        ("trainer.output_dir", Path(config.trainer.output_dir or "runs/default")),
+        ("checkpoint.dir", config.checkpoint_folder()),
+    ):
+        existing = path.absolute()
+        while not existing.exists():
+            existing = existing.parent
+        if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+            what = "is not a folder" if not existing.is_dir() else "is not writable"
+            raise ConfigError(
+                f"{key}: cannot write {path}: {existing} {what}; choose a writable folder "
+                f"(--set {key}=PATH)"
+            )

@@ -219,3 +219,12 @@ print(len(history), [row["epoch"] for row in history])
     )
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "2 [0, 1]"
+
+
+def test_cli_unwritable_checkpoint_folder_is_bad_input(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    result = train(tmp_path, overrides=[f"checkpoint.dir={blocker / 'ckpt'}"])
+    assert result.returncode == 2
+    assert "checkpoint.dir: cannot write" in result.stderr and "is not a folder" in result.stderr
+    assert not (tmp_path / "run").exists()
