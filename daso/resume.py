@@ -151,6 +151,7 @@ class Checkpointing:
                 list(meta["layout"]),
                 self.topology.ranks_per_node,
             )
+            # fresh streams, distinct per rank and per epoch of the resume (7919: a prime stride)
             torch.manual_seed(self.config.trainer.seed + 1000 + self.rank + 7919 * self.epoch)
         self._resumed = True
         if self.rank == 0:

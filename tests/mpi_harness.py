@@ -34,25 +34,38 @@ def mpi_env(layout: str | None) -> dict[str, str]:
     return env
 
 
-def run_command(
-    args: list[str], n: int, layout: str | None, timeout: float = 240, cwd: Path | None = None
-) -> subprocess.CompletedProcess:
-    """Run ``args`` (a program and its arguments) as ``n`` MPI ranks; kill all on timeout."""
-    proc = subprocess.Popen(
+def start_ranks(
+    args: list[str], n: int, layout: str | None, cwd: Path | None = None, merged: bool = False
+) -> subprocess.Popen:
+    """Start ``args`` (a program and its arguments) as ``n`` MPI ranks in the background, in a
+    session of their own; ``merged`` sends stderr into stdout."""
+    return subprocess.Popen(
         [str(MPIEXEC), "-n", str(n), *args],
         env=mpi_env(layout),
         cwd=cwd or ROOT,
         stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
+        stderr=subprocess.STDOUT if merged else subprocess.PIPE,
         text=True,
         start_new_session=True,
     )
+
+
+def wait_ranks(proc: subprocess.Popen, timeout: float) -> tuple[str, str]:
+    """``(stdout, stderr)`` of ranks started by :func:`start_ranks`; all killed on timeout."""
     try:
-        out, err = proc.communicate(timeout=timeout)
+        return proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGKILL)
         out, err = proc.communicate()
-        raise AssertionError(f"{args} did not finish in {timeout} s\n{out}\n{err}") from None
+        raise AssertionError(f"{proc.args} did not finish in {timeout} s\n{out}\n{err}") from None
+
+
+def run_command(
+    args: list[str], n: int, layout: str | None, timeout: float = 240, cwd: Path | None = None
+) -> subprocess.CompletedProcess:
+    """Run ``args`` (a program and its arguments) as ``n`` MPI ranks; kill all on timeout."""
+    proc = start_ranks(args, n, layout, cwd)
+    out, err = wait_ranks(proc, timeout)
     return subprocess.CompletedProcess(args, proc.returncode, out, err)
 
 

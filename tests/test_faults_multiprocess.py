@@ -19,7 +19,7 @@ import torch
 
 from daso import checkpoint as ckpt
 
-from mpi_harness import MPIEXEC, ROOT, mpi_env, run_command, train_args
+from mpi_harness import ROOT, run_command, start_ranks, train_args, wait_ranks
 
 pytestmark = pytest.mark.multiprocess
 
@@ -39,25 +39,11 @@ def launch(args: list[str], outlive: bool = False) -> subprocess.Popen:
     """``args`` as 4 ranks on 2 emulated nodes, in the background (optionally each rank under
     ``outlive.py``, so the launcher does not kill the job when one rank dies)."""
     wrapper = [sys.executable, str(OUTLIVE)] if outlive else []
-    return subprocess.Popen(
-        [str(MPIEXEC), "-n", "4", *wrapper, *args],
-        env=mpi_env("2"),
-        cwd=ROOT,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        start_new_session=True,
-    )
+    return start_ranks([*wrapper, *args], 4, "2", merged=True)
 
 
 def finish(proc: subprocess.Popen, timeout: float) -> str:
-    try:
-        out, _ = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        out, _ = proc.communicate()
-        raise AssertionError(f"still running after {timeout} s:\n{out}") from None
-    return out
+    return wait_ranks(proc, timeout)[0]
 
 
 def rank_pids(marker: str) -> dict[int, int]:
