@@ -15,7 +15,7 @@ from typing import Any
 import torch
 
 from daso import checkpoint as ckpt
-from daso.comm import unwrap
+from daso.comm import allreduce_sum, unwrap
 from daso.errors import CheckpointError
 
 log = logging.getLogger("daso.trainer")
@@ -159,3 +159,27 @@ class Checkpointing:
             rows = "".join(json.dumps(row) + "\n" for row in self.history)
             self.metrics_path.write_text(rows)
         log.info("resumed from %s: epoch %d, batch %d", source, self.epoch, self.batch)
+
+    def _agree_on_start(self) -> None:
+        """Collective, at the start of :meth:`fit`: check that every rank starts at the same
+        epoch and batch, and keep all ranks here until every one has restored its state, so no
+        rank's first exchange reaches a peer whose state (an asynchronous strategy's center
+        shard) is not loaded yet.
+
+        Raises:
+            CheckpointError: the ranks start at different points (they resumed different
+                checkpoints, or only some found one: ``checkpoint.dir`` is not shared).
+        """
+        self._operation = "start of training: ranks agree on the epoch and batch"
+        position = [float(self.epoch), float(self.batch)]
+        sums = allreduce_sum(
+            position + [v * v for v in position], self.device, self.groups.world_group
+        )
+        n = self.topology.world_size
+        # the same decision on every rank: all agree iff each value's variance over ranks is 0
+        if any(n * sq != s * s for s, sq in zip(sums[:2], sums[2:], strict=True)):
+            raise CheckpointError(
+                f"ranks start training at different points (rank {self.rank}: epoch "
+                f"{self.epoch} batch {self.batch}): they resumed different checkpoints; put "
+                "checkpoint.dir on a file system every node sees, or resume one named file"
+            )

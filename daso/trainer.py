@@ -301,7 +301,8 @@ class Trainer(Checkpointing):
             ValueError: fewer training samples than ranks.
             NumericalError: a NaN/Inf loss or gradient with ``trainer.nan_policy: stop``.
             PeerFailureError: a collective failed or timed out because a rank died or hangs.
-            CheckpointError: rank 0 could not write a checkpoint.
+            CheckpointError: rank 0 could not write a checkpoint, or the ranks resumed
+                different checkpoints (checked before the first batch).
         """
         loader = self._train_loader(train_dataset)
         val_loader = self._val_loader(val_dataset) if val_dataset is not None else None
@@ -313,6 +314,7 @@ class Trainer(Checkpointing):
         start = time.perf_counter() - done
         with PreemptionSignals() as signals:
             try:
+                self._agree_on_start()
                 while self.epoch < self.config.trainer.epochs and not self.stopped:
                     self._run_epoch(loader, val_loader, start, signals)
             except (RuntimeError, TimeoutError) as err:

@@ -424,7 +424,53 @@ def scenario_center_slow_node(groups: ProcessGroups, params: dict[str, Any]) -> 
     return {"topology": topology_info(groups), "runs": runs}
 
 
+def scenario_resume_disagreement(groups: ProcessGroups, params: dict[str, Any]) -> dict[str, Any]:
+    """One epoch with a checkpoint in a shared folder; then rank 0 resumes it while rank 1's
+    folder is empty (a checkpoint folder not shared by the nodes): ``fit`` must refuse on both."""
+    from daso.cli import build_datasets
+    from daso.errors import CheckpointError
+    from daso.trainer import Trainer
+
+    def trainer(folder: str) -> Trainer:
+        config = load_config(
+            None,
+            [
+                "strategy.name=ddp",
+                "trainer.epochs=2",
+                "trainer.progress=false",
+                f"trainer.output_dir={Path(params['out']) / folder}",
+                "data.batch_size=16",
+                "data.train_subset=64",
+                "data.val_size=32",
+            ],
+        )
+        model = tiny_image_model()
+        return Trainer(
+            model,
+            torch.optim.SGD(model.parameters(), lr=0.1),
+            torch.nn.functional.cross_entropy,
+            config,
+            groups=groups,
+        )
+
+    first = trainer("shared")
+    first.stop_at_epoch = 1
+    data = build_datasets(first.config)
+    first.fit(*data)
+    first.close()
+    second = trainer("shared" if groups.topology.rank == 0 else f"own{groups.topology.rank}")
+    resumed = second.resume("auto")
+    try:
+        second.fit(*data)
+        error = None
+    except CheckpointError as err:
+        error = str(err)
+    second.close()
+    return {"resumed": None if resumed is None else resumed.name, "error": error}
+
+
 SCENARIOS = {
+    "resume_disagreement": scenario_resume_disagreement,
     "merge": scenario_merge,
     "consistency": scenario_consistency,
     "progress": scenario_progress,

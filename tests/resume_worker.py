@@ -65,6 +65,8 @@ def run(groups: Any, overrides: list[str], data: tuple, stop: int | None, resume
     if resume is not None:
         trainer.resume(resume)
     start = {"model": digest(model_state_tensors(module)), "strategy": strategy_digest(trainer)}
+    # no rank trains (pushes to this rank's center shard) before every rank has entered fit():
+    # the digest above sees the restored state only, unless a resume lets peers start early
     history = trainer.fit(*data)
     result = {
         "start": start,
@@ -74,6 +76,9 @@ def run(groups: Any, overrides: list[str], data: tuple, stop: int | None, resume
         "history": [{k: row.get(k) for k in DETERMINISTIC} for row in history],
         "stopped": trainer.stopped,
     }
+    if not trainer.strategy.lockstep:  # pushes this node made, and (leaders) those applied
+        state = trainer.strategy.state_dict()
+        result["exchanges"], result["applied"] = state["exchanges"], state.get("applied")
     trainer.close()
     return result
 

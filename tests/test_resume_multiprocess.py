@@ -10,7 +10,7 @@ import sys
 import pytest
 import torch
 
-from mpi_harness import ROOT, run_command
+from mpi_harness import ROOT, run_command, run_ranks
 
 pytestmark = pytest.mark.multiprocess
 
@@ -94,3 +94,20 @@ def test_asynchronous_strategies_resume_where_they_stopped(tmp_path):
             assert resumed["history"][:2] == part["history"]
             assert [row["epoch"] for row in resumed["history"]] == [0, 1, 2, 3]
             assert resumed["history"][-1]["val_accuracy"] > 0.5
+        # no push was lost, before the stop or across the resume: each leader's shard absorbed
+        # every node's pushes (the two nodes' leaders are ranks 0 and 2)
+        for label in ("part", "resumed"):
+            pushed = [results[leader][name][label]["exchanges"] for leader in (0, 2)]
+            assert pushed[0] > 0 and pushed[1] > 0
+            for leader in (0, 2):
+                assert results[leader][name][label]["applied"] == pushed, f"{name} {label}"
+
+
+def test_ranks_that_resume_different_checkpoints_refuse_to_train(tmp_path):
+    """A checkpoint folder the nodes do not share: rank 0 finds a checkpoint, rank 1 none. Both
+    ranks stop with a CheckpointError before the first batch instead of training apart."""
+    results = run_ranks("resume_disagreement", 2, "1", tmp_path, timeout=120)
+    assert [r["resumed"] for r in results] == ["ckpt-e00001-b0000000.pt", None]
+    for result in results:
+        assert "ranks start training at different points" in result["error"]
+        assert "checkpoint.dir" in result["error"]
