@@ -21,6 +21,20 @@ ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 MPIEXEC = BIN / "mpiexec"
 WORKER = Path(__file__).with_name("mpi_worker.py")
+#: Per-epoch metrics every run reports that repeat exactly in a deterministic rerun (timings
+#: do not).
+DETERMINISTIC_METRICS = (
+    "epoch",
+    "train_loss",
+    "val_loss",
+    "val_accuracy",
+    "global_skips",
+    "local_skips",
+    "batches_to_wait",
+    "cross_node_bytes",
+    "skipped_steps",
+    "lr",
+)
 
 
 def mpi_env(layout: str | None) -> dict[str, str]:

@@ -33,19 +33,7 @@ from daso.strategies import STRATEGIES
 from daso.topology import init_distributed, shutdown_distributed
 from daso.trainer import Trainer
 
-#: Metrics that must repeat exactly (timings do not).
-DETERMINISTIC = (
-    "epoch",
-    "train_loss",
-    "val_loss",
-    "val_accuracy",
-    "global_skips",
-    "local_skips",
-    "batches_to_wait",
-    "cross_node_bytes",
-    "skipped_steps",
-    "lr",
-)
+from mpi_harness import DETERMINISTIC_METRICS
 
 
 def strategy_digest(trainer: Trainer) -> str:
@@ -73,7 +61,7 @@ def run(groups: Any, overrides: list[str], data: tuple, stop: int | None, resume
         "strategy": strategy_digest(trainer),
         "model": digest(model_state_tensors(module)),
         "optimizer": digest(optimizer_state_tensors(trainer.optimizer)),
-        "history": [{k: row.get(k) for k in DETERMINISTIC} for row in history],
+        "history": [{k: row.get(k) for k in DETERMINISTIC_METRICS} for row in history],
         "stopped": trainer.stopped,
     }
     if not trainer.strategy.lockstep:  # pushes this node made, and (leaders) those applied
