@@ -134,13 +134,29 @@ class HierarchicalConfig(Section):
     wire_dtype: WireDtype = Field("float32", description="Wire dtype of gradient shards.")
 
 
-class LocalSGDConfig(Section):
+class OuterOptimizerOptions(Section):
+    """The outer optimizer of the strategies that average the model across nodes."""
+
+    outer_optimizer: Literal["none", "nesterov"] = Field(
+        "none",
+        description="Outer step on each cross-node average: none (plain mean) or nesterov "
+        "(DiLoCo: SGD with Nesterov momentum on the pseudo-gradient anchor - mean).",
+    )
+    outer_lr: float = Field(0.7, gt=0, description="Outer learning rate (DiLoCo: 0.7).")
+    outer_momentum: float = Field(
+        0.9, ge=0, lt=1, description="Outer Nesterov momentum (DiLoCo: 0.9)."
+    )
+
+
+class LocalSGDConfig(OuterOptimizerOptions):
     name: Literal["local_sgd"] = Field(
         "local_sgd", description="Post-local SGD (Lin et al. 2020), hierarchical."
     )
     period: int = Field(4, ge=1, description="Steps between blocking cross-node averages.")
     warmup_steps: int = Field(0, ge=0, description="First steps that average every step.")
-    wire_dtype: WireDtype = Field("float32", description="Wire dtype of the model average.")
+    wire_dtype: WireDtype = Field(
+        "float32", description="Wire dtype of the model average (differences from the anchor)."
+    )
 
 
 class HorovodConfig(Section):
@@ -204,7 +220,7 @@ class AsyncEASGDConfig(DownpourConfig):
     )
 
 
-class DASOConfig(Section):
+class DASOConfig(OuterOptimizerOptions):
     name: Literal["daso"] = Field("daso", description="DASO (Coquelin et al. 2022).")
     warmup_epochs: int = Field(4, ge=0, description="Blocking epochs at the start.")
     cooldown_epochs: int = Field(4, ge=0, description="Blocking epochs at the end.")
@@ -219,7 +235,9 @@ class DASOConfig(Section):
     local_skip_factor: int = Field(
         4, ge=1, description="After a reset, local_skips = batches_to_wait = max / this."
     )
-    downcast: WireDtype = Field("bfloat16", description="Wire dtype of cross-node syncs.")
+    downcast: WireDtype = Field(
+        "bfloat16", description="Wire dtype of cross-node syncs (differences from the anchor)."
+    )
     sync_optimizer_state: bool = Field(
         True, description="Average optimizer state across nodes at each epoch end."
     )

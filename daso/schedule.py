@@ -65,9 +65,11 @@ BLOCKING = {phase: SyncParams(0, 1, 0, phase) for phase in (WARMUP, COOLDOWN)}
 class PlateauDetector:
     """Detects a loss plateau the way ``torch.optim.lr_scheduler.ReduceLROnPlateau`` does.
 
-    Mode "min" with a relative threshold: an epoch improves when
-    ``loss < best * (1 - threshold)``; a plateau is reported when more than ``patience``
-    epochs in a row did not improve, and the count starts again.
+    Mode "min" with a threshold relative to the best loss's magnitude, as the reference's
+    ``DetectMetricPlateau``: an epoch improves when ``loss < best - threshold * |best|``
+    (``ReduceLROnPlateau``'s ``best * (1 - threshold)`` would demand a *rise* of a negative
+    loss); a plateau is reported when more than ``patience`` epochs in a row did not improve,
+    and the count starts again.
 
     Args:
         threshold: relative improvement that counts (DASO's ``stability_level``), in [0, 1).
@@ -82,7 +84,7 @@ class PlateauDetector:
 
     def step(self, loss: float) -> bool:
         """Record one epoch's loss; return True if this completes a plateau."""
-        if loss < self.best * (1.0 - self.threshold):
+        if self.best == math.inf or loss < self.best - self.threshold * abs(self.best):
             self.best = loss
             self.num_bad_epochs = 0
             return False
@@ -115,6 +117,9 @@ class DASOSchedule:
         skip_reduction_factor: S and local skips are divided by it on a plateau.
         local_skip_factor: after a reset,
             ``local_skips = W = max_global_skips // local_skip_factor``.
+
+    The plateau detector is fed from the last warm-up epoch on: that epoch's loss is the first
+    ``best`` the cycling phase is measured against; earlier warm-up losses never reach it.
 
     Raises:
         ConfigError: an out-of-range value or ``warmup_epochs + cooldown_epochs > epochs``.
@@ -197,7 +202,10 @@ class DASOSchedule:
         Returns:
             The :class:`SyncParams` of the next epoch (also in :attr:`params`).
         """
-        plateau = self.detector.step(float(loss))
+        # the detector sees the last warm-up epoch and every epoch after it (the reference's
+        # choice): earlier warm-up losses, from the blocking regime, never set its best
+        feed = self.epoch >= self.warmup_epochs - 1
+        plateau = self.detector.step(float(loss)) if feed else False
         previous = self.params.phase
         self.epoch += 1
         phase = self.phase(self.epoch)

@@ -62,6 +62,7 @@ def scenario_merge(groups: ProcessGroups, params: dict[str, Any]) -> dict[str, A
             )
             strategy.wrap(model, torch.optim.SGD(model.parameters(), lr=0.1))
             state = FlatBuffer(model_state_tensors(model))
+            anchor = strategy.averager.anchor.clone()  # the initial model, on every rank
 
             def fill(seed: int, state: FlatBuffer = state) -> torch.Tensor:
                 values = torch.randn(state.numel, generator=torch.Generator().manual_seed(seed))
@@ -86,6 +87,7 @@ def scenario_merge(groups: ProcessGroups, params: dict[str, Any]) -> dict[str, A
                     "downcast": downcast,
                     "w": w,
                     "sent": sent,
+                    "anchor": anchor,
                     "local": local,
                     "final": state.pack().clone(),
                 }

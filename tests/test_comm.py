@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from daso.comm import FlatBuffer, model_state_tensors, mpi_buffer, mpi_sum, optimizer_state_tensors
-from daso.strategies import merge_stale_sum
+from daso.strategies import merge_stale
 
 
 def model_with_frozen_layer() -> torch.nn.Module:
@@ -65,9 +65,9 @@ def test_mpi_sum_matches_torch_add(dtype):
 
 
 @pytest.mark.parametrize("w", [0, 1, 2, 5])
-def test_merge_stale_sum_formula(w):
+def test_merge_stale_formula(w):
     local = torch.randn(50)
-    summed = torch.randn(50)
-    expected = (2 * w * local.double().numpy() + summed.double().numpy()) / (2 * w + 3)
-    out = merge_stale_sum(local.clone(), summed, w, num_nodes=3)
+    mean = torch.randn(50)
+    expected = (2 * w * local.double().numpy() + 3 * mean.double().numpy()) / (2 * w + 3)
+    out = merge_stale(local.clone(), mean, w, num_nodes=3)
     np.testing.assert_allclose(out.numpy(), expected, rtol=1e-6, atol=1e-6)

@@ -1,9 +1,16 @@
 """Collectives: node-local (torch.distributed, DDP) and cross-node (MPI) communication."""
 
-from daso.comm.flat import FlatBuffer, model_state_tensors, optimizer_state_tensors, shard_bounds
+from daso.comm.flat import (
+    FlatBuffer,
+    model_state_tensors,
+    optimizer_state_tensors,
+    shard_bounds,
+    synced_state_tensors,
+)
 from daso.comm.local import (
     ByteCounter,
     allreduce_sum,
+    average_in_group,
     broadcast,
     broadcast_tensors,
     no_sync,
@@ -19,6 +26,7 @@ __all__ = [
     "FlatBuffer",
     "PendingSum",
     "allreduce_sum",
+    "average_in_group",
     "broadcast",
     "broadcast_tensors",
     "model_state_tensors",
@@ -27,6 +35,7 @@ __all__ = [
     "no_sync",
     "optimizer_state_tensors",
     "shard_bounds",
+    "synced_state_tensors",
     "unwrap",
     "wrap_data_parallel",
 ]

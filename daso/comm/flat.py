@@ -32,6 +32,32 @@ def model_state_tensors(module: torch.nn.Module) -> list[torch.Tensor]:
     return tensors
 
 
+def synced_state_tensors(module: torch.nn.Module) -> tuple[list[torch.Tensor], int]:
+    """The state a cross-node model average moves: trainable parameters, then floating-point
+    buffers (BatchNorm running statistics), each once.
+
+    Frozen parameters (``requires_grad=False``) are identical on every rank by construction and
+    never cross the wire; integer buffers are counters, not state to average.
+
+    Returns:
+        ``(tensors, param_numel)``: the tensors in ``named_parameters()`` then
+        ``named_buffers()`` order, and the number of parameter elements at the front of their
+        flat layout (an outer optimizer steps those; buffers take the plain mean).
+    """
+    seen: set[int] = set()
+    params: list[torch.Tensor] = []
+    buffers: list[torch.Tensor] = []
+    for tensor in module.parameters():
+        if tensor.is_floating_point() and tensor.requires_grad and id(tensor) not in seen:
+            seen.add(id(tensor))
+            params.append(tensor)
+    for tensor in module.buffers():
+        if tensor.is_floating_point() and id(tensor) not in seen:
+            seen.add(id(tensor))
+            buffers.append(tensor)
+    return params + buffers, sum(t.numel() for t in params)
+
+
 def optimizer_state_tensors(optimizer: torch.optim.Optimizer) -> list[torch.Tensor]:
     """Floating-point state tensors of ``optimizer`` (momentum buffers, Adam moments), in order.
 

@@ -97,6 +97,16 @@ def broadcast(tensor: torch.Tensor, src: int, group: Any = None) -> None:
         dist.broadcast(tensor, src=src, group=group)
 
 
+def average_in_group(tensor: torch.Tensor, group: Any) -> torch.Tensor:
+    """In-place mean of ``tensor`` (float32, any shape) over the ranks of ``group``; every rank
+    ends with the same values (a no-op for a group of one). Returns ``tensor``."""
+    size = dist.get_world_size(group)
+    if size > 1:
+        dist.all_reduce(tensor, group=group)
+        tensor.div_(size)
+    return tensor
+
+
 def allreduce_sum(values: Sequence[float], device: torch.device, group: Any = None) -> list[float]:
     """Sum a few Python floats over ``group`` in one float64 allreduce.
 

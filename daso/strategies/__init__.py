@@ -28,8 +28,9 @@ from collections.abc import Mapping
 from typing import Any
 
 from daso.strategies.async_easgd import AsyncEASGDStrategy
+from daso.strategies.averaging import merge_stale
 from daso.strategies.base import Strategy
-from daso.strategies.daso import DASOStrategy, merge_stale_sum
+from daso.strategies.daso import DASOStrategy
 from daso.strategies.ddp import DDPStrategy
 from daso.strategies.downpour import DownpourStrategy
 from daso.strategies.easgd import EAMSGDStrategy, EASGDStrategy
@@ -83,5 +84,5 @@ __all__ = [
     "NoCommStrategy",
     "Strategy",
     "build_strategy",
-    "merge_stale_sum",
+    "merge_stale",
 ]

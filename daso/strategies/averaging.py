@@ -1,5 +1,12 @@
 """Cross-node averaging of a model's state, shared by the strategies that average parameters.
 
+The wire carries differences from an **anchor**, never the state itself: every rank keeps a
+float32 copy ``a`` of the model state as it was after the last cross-node sync (bitwise equal on
+all ranks); a sync sends ``x - a`` in the wire dtype and forms the mean in float32,
+``mean = a + sum_n (x_n - a) / N``, so 16-bit rounding is relative to the update since the last
+sync, not to the weight (DESIGN.md, "The wire and the master weights"). The new anchor is the
+mean, or the outer optimizer's step from ``a`` along ``a - mean`` (:mod:`daso.strategies.outer`).
+
 Non-blocking syncs (DASO's sends): one rank per node (local rank ``k`` of every node, the
 cross-node group ``C_k``) sums the flattened state over the nodes through MPI, then broadcasts
 the result inside its node; ``k`` rotates from one sync to the next so every rank of a node
@@ -15,7 +22,8 @@ from typing import Any
 
 import torch
 
-from daso.comm import CrossNodeSum, FlatBuffer, broadcast, shard_bounds
+from daso.comm import CrossNodeSum, FlatBuffer, average_in_group, broadcast, shard_bounds
+from daso.strategies.outer import OuterNesterov
 from daso.topology import ProcessGroups
 
 
@@ -72,21 +80,62 @@ def sum_shards_over_nodes(
     return flat
 
 
+#: Weight of the local parameters per batch of staleness in DASO's merge (paper, eq. 1: 2W).
+STALENESS_WEIGHT = 2
+
+
+def merge_stale(
+    local: torch.Tensor, mean: torch.Tensor, batches_waited: int, num_nodes: int
+) -> torch.Tensor:
+    """DASO's staleness-weighted merge, in place: ``local <- (2W local + N mean) / (2W + N)``.
+
+    DASO paper, eq. 1, ``(2W x_local + sum_n x_n) / (2W + N)``, with the sum over the N nodes
+    of the parameters sent W batches ago written as ``N * mean`` (the mean comes from the delta
+    wire in float32, or is the outer optimizer's new anchor).
+
+    Args:
+        local: float32 ``[P]``, this rank's current (newer) parameters; overwritten.
+        mean: float32 ``[P]``, the cross-node mean of the parameters sent W batches ago.
+        batches_waited: W, batches since the send (0 gives ``mean`` itself).
+        num_nodes: N.
+
+    Returns:
+        ``local``.
+    """
+    weight = STALENESS_WEIGHT * batches_waited
+    return local.mul_(weight).add_(mean, alpha=num_nodes).div_(weight + num_nodes)
+
+
 class CrossNodeAverager:
-    """Sums or averages ``tensors`` across nodes, then makes every node consistent.
+    """Averages a model's state across nodes over the delta wire, and keeps every node
+    consistent.
 
     Args:
         groups: this rank's process groups.
-        tensors: the state to sync (parameters and floating-point buffers), shapes any.
-        wire_dtype: dtype on the MPI wire (bfloat16, float16 or float32).
+        tensors: the state to sync (trainable parameters, then floating-point buffers: see
+            :func:`~daso.comm.synced_state_tensors`), shapes any.
+        wire_dtype: dtype on the MPI wire (bfloat16, float16 or float32) of the differences
+            from the anchor.
         timeout: seconds before a cross-node wait fails with ``CommTimeoutError``.
         poll_interval: progress mode of the communication thread (see ``CrossNodeSum``).
+        param_numel: elements of ``tensors`` that are parameters (at the front); the outer
+            optimizer steps those, the rest (buffers) take the plain mean. Default: all.
+        outer: the outer optimizer (:class:`~daso.strategies.outer.OuterNesterov`), or ``None``
+            for the plain average.
+
+    Memory: besides :attr:`state`, one float32 ``[P]`` anchor per rank (and one more ``[P]``
+    momentum buffer with ``outer``), ``P`` the number of synced elements.
 
     Attributes:
         state: the :class:`~daso.comm.FlatBuffer` mirroring ``tensors`` (float32 ``[P]``).
+        anchor: float32 ``[P]``, the state after the last cross-node sync; equal on all ranks.
         cross: the :class:`~daso.comm.CrossNodeSum`, or ``None`` on ranks without a
             cross-node group (and on a single node).
-        sender: local rank whose group talks on the next sync.
+        sender: local rank whose group talks on the next non-blocking sync.
+        node_diverged: set by the strategy when the ranks of a node may hold different
+            parameters (a batch without node-local gradient averaging); the next blocking
+            average then takes the node-local mean of everything first (otherwise only of the
+            buffers, which every rank updates from its own batch).
     """
 
     def __init__(
@@ -96,10 +145,16 @@ class CrossNodeAverager:
         wire_dtype: torch.dtype,
         timeout: float,
         poll_interval: float = 0.0,
+        param_numel: int | None = None,
+        outer: OuterNesterov | None = None,
     ) -> None:
         self.groups = groups
         self.topology = groups.topology
         self.state = FlatBuffer(tensors, device=groups.device)
+        self.param_numel = self.state.numel if param_numel is None else param_numel
+        self.anchor = self.state.pack().clone()
+        self.outer = outer
+        self.node_diverged = False
         self.cross: CrossNodeSum | None = None
         if groups.cross_comm is not None:
             self.cross = CrossNodeSum(
@@ -111,7 +166,21 @@ class CrossNodeAverager:
                 poll_interval=poll_interval,
             )
         self.sender = 0
+        self._extended: FlatBuffer | None = None
+        self._sent: torch.Tensor | None = None  # one node: the sum over nodes of the delta
 
+    # -- the anchor ------------------------------------------------------------------------
+    def _advance_anchor(self, mean: torch.Tensor, outer: bool = True) -> torch.Tensor:
+        """``anchor <- mean`` (or, with ``outer`` and an outer optimizer, its step along
+        ``anchor - mean``); returns the anchor."""
+        if self.outer is None or not outer:
+            return self.anchor.copy_(mean)
+        n = self.param_numel
+        self.outer.step(self.anchor[:n], mean[:n])
+        self.anchor[n:].copy_(mean[n:])
+        return self.anchor
+
+    # -- non-blocking (DASO's sends) -------------------------------------------------------
     def next_sender(self) -> int:
         """Local rank whose cross-node group takes this sync; advances the rotation."""
         sender = self.sender
@@ -122,47 +191,133 @@ class CrossNodeAverager:
         """Whether this rank talks across nodes for ``sender``'s sync."""
         return self.topology.local_rank == sender
 
-    def broadcast_from(self, sender: int, buffer: FlatBuffer | None = None) -> None:
-        """Node-local broadcast of ``buffer.flat`` from local rank ``sender``, then unpack."""
-        buffer = buffer or self.state
-        src = self.topology.global_rank(self.topology.node_rank, sender)
-        broadcast(buffer.flat, src, self.groups.node_group)
-        buffer.unpack()
+    def start(self, tag: Any = None) -> int:
+        """Start the non-blocking sum over nodes of ``x - anchor`` on the next sender's
+        cross-node group; returns at once with the sender's local rank. The sender's node must
+        hold its parameters then (they are sent as they are)."""
+        sender = self.next_sender()
+        if self.is_sender(sender):
+            delta = self.state.pack().sub_(self.anchor)
+            if self.cross is not None:
+                self.cross.start(delta, tag=tag)
+            else:
+                self._sent = delta.clone()
+        return sender
 
-    def average(
-        self, buffer: FlatBuffer | None = None, by_ranks: bool = False, tag: Any = None
+    def collect(self) -> torch.Tensor:
+        """On the sender: block until its sum arrives; float32 ``[P]``, ``sum_n (x_n - a)``."""
+        if self.cross is not None:
+            return self.cross.wait()
+        sent, self._sent = self._sent, None
+        return sent
+
+    def merge(
+        self, sender: int, batches_waited: int, summed: torch.Tensor | None = None
     ) -> None:
-        """Blocking average of ``buffer`` (default :attr:`state`) over all nodes.
-
-        The buffer is cut into ``K = min_n L_n`` shards and local rank ``i < K`` averages
-        shard ``i`` over its cross-node group ``C_i``, so all of a node's ranks use the link at
-        once, each for ``1/K`` of the bytes; each owner then broadcasts its shard in the node.
-        The node's ranks must hold the same values (they do after node-local gradient
-        averaging from a common start).
+        """Complete ``sender``'s sync: on every rank the anchor becomes the mean (or the outer
+        step), on the sender ``x <- (2W x + N * anchor) / (2W + N)`` (:func:`merge_stale`),
+        which it then broadcasts to the rest of its node.
 
         Args:
-            buffer: the state to average; must fit the communication buffers
-                (see :meth:`reserve`).
+            sender: the local rank :meth:`start` returned.
+            batches_waited: W, optimizer steps since the send.
+            summed: the sender's completed sum, if it was already collected (a checkpoint).
+        """
+        topo = self.topology
+        src = topo.global_rank(topo.node_rank, sender)
+        total = self.state.flat  # receive buffer on the other ranks (overwritten below)
+        if self.is_sender(sender):
+            total = summed if summed is not None else self.collect()
+        broadcast(total, src, self.groups.node_group)
+        anchor = self._advance_anchor(self.anchor + total / topo.num_nodes)
+        if self.is_sender(sender):
+            merge_stale(self.state.pack(), anchor, batches_waited, topo.num_nodes)
+        self.broadcast_from(sender)
+
+    def broadcast_from(self, sender: int) -> None:
+        """Node-local broadcast of :attr:`state` from local rank ``sender``, then unpack."""
+        src = self.topology.global_rank(self.topology.node_rank, sender)
+        broadcast(self.state.flat, src, self.groups.node_group)
+        self.state.unpack()
+        self.node_diverged = False
+
+    # -- blocking ----------------------------------------------------------------------------
+    def _buffer_with(self, extra: Sequence[torch.Tensor]) -> FlatBuffer:
+        if not extra:
+            return self.state
+        tensors = self.state.tensors + list(extra)
+        if self._extended is None or not self._extended.matches(tensors):
+            self._extended = FlatBuffer(tensors, device=self.groups.device)
+            self.reserve(self._extended.numel)
+        return self._extended
+
+    def average(
+        self,
+        extra: Sequence[torch.Tensor] = (),
+        by_ranks: bool = False,
+        outer: bool = True,
+        tag: Any = None,
+    ) -> None:
+        """Blocking average of the model state (and of ``extra``) over all nodes.
+
+        1. The node is made consistent: the node-local mean of everything if
+           :attr:`node_diverged`, else of the buffers (BatchNorm statistics, which each rank
+           updates from its own batch);
+        2. the flat vector ``[x - anchor | extra]`` is cut into ``K = min_n L_n`` shards and
+           local rank ``i < K`` sums shard ``i`` over its cross-node group ``C_i`` in the wire
+           dtype, so all of a node's ranks use the link at once, each for ``1/K`` of the
+           bytes; each owner then broadcasts its shard in the node;
+        3. in float32: ``mean = anchor + sum / N``, the anchor advances (plain mean or outer
+           step) and the model takes the new anchor; ``extra`` takes its plain mean.
+
+        Args:
+            extra: more floating-point tensors to average as they are (not as differences:
+                optimizer state such as momentum buffers), identical layout on every rank.
             by_ranks: weight node ``n`` by its rank count ``L_n`` (the mean over ranks, equal
                 to synchronous SGD's mean even with uneven nodes); else every node weighs 1.
+            outer: take the outer optimizer's step (if there is one); ``False``: the plain
+                mean (DASO's blocking warm-up and cool-down, ``local_sgd``'s warm-up steps).
             tag: label for timeout errors.
         """
-        buffer = buffer or self.state
+        buffer = self._buffer_with(extra)
         topo = self.topology
+        flat = buffer.pack()
+        consistent_until = 0 if self.node_diverged else self.param_numel
+        if topo.local_world_size > 1 and consistent_until < buffer.numel:
+            average_in_group(flat[consistent_until:], self.groups.node_group)
+        model = flat[: self.state.numel]
+        model.sub_(self.anchor)
         sum_shards_over_nodes(
-            buffer.pack(),
+            flat,
             self.groups,
             self.cross,
             scale=topo.local_world_size if by_ranks else 1.0,
             divisor=topo.world_size if by_ranks else topo.num_nodes,
             tag=tag,
         )
+        model.copy_(self._advance_anchor(model.add_(self.anchor), outer))
         buffer.unpack()
+        self.node_diverged = False
 
     def reserve(self, numel: int) -> None:
         """Make room for buffers of ``numel`` elements on the cross-node wire."""
         if self.cross is not None:
             self.cross.reserve(numel)
+
+    # -- checkpoints -------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        """Sender rotation, the anchor (float32 ``[P]``, CPU) and the outer optimizer's state."""
+        state: dict[str, Any] = {"sender": self.sender, "anchor": self.anchor.cpu().clone()}
+        if self.outer is not None:
+            state["outer"] = self.outer.state_dict()
+        return state
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore from :meth:`state_dict`."""
+        self.sender = int(state["sender"])
+        self.anchor.copy_(state["anchor"])
+        if self.outer is not None:
+            self.outer.load_state_dict(state["outer"])
 
     def counters(self) -> tuple[int, float]:
         """``(bytes handed to MPI, seconds waited)`` since construction, this rank."""

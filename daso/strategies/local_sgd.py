@@ -4,7 +4,9 @@ Lin, Stich, Patel, Jaggi, "Don't Use Large Mini-Batches, Use Local SGD", ICLR 20
 hierarchical form of PyTorch's ``HierarchicalModelAverager``: gradients are averaged inside the
 node every step (DDP on the node group); across nodes, all parameters and floating-point
 buffers are averaged, blocking, after each of the first ``warmup_steps`` steps and then every
-``period`` steps. The average weighs each node by its rank count, so with ``period: 1`` and plain
+``period`` steps (sent as the difference from a float32 anchor, the last average, so a 16-bit
+wire rounds the update, not the weight; optionally with DiLoCo's outer Nesterov step on the
+anchor, ``outer_optimizer: nesterov``). The average weighs each node by its rank count, so with ``period: 1`` and plain
 SGD it equals synchronous SGD over all ranks (``ddp``), uneven nodes included.
 """
 
@@ -14,10 +16,11 @@ from typing import Any
 
 import torch
 
-from daso.comm import WIRE_DTYPES, model_state_tensors
+from daso.comm import WIRE_DTYPES, synced_state_tensors
 from daso.errors import ConfigError
 from daso.strategies.averaging import CrossNodeAverager
 from daso.strategies.base import EpochCounters, Strategy
+from daso.strategies.outer import DEFAULT_OUTER_LR, DEFAULT_OUTER_MOMENTUM, build_outer_optimizer
 from daso.topology import ProcessGroups
 
 
@@ -29,7 +32,14 @@ class LocalSGDStrategy(Strategy):
         epochs: total epochs (unused; part of the interface).
         period: steps between cross-node averages (H in the paper), >= 1.
         warmup_steps: initial steps that average after every step, >= 0.
-        wire_dtype: ``"float32"`` (default), ``"bfloat16"`` or ``"float16"`` on the MPI wire.
+        wire_dtype: ``"float32"`` (default), ``"bfloat16"`` or ``"float16"``: dtype of the
+            differences from the anchor on the MPI wire (memory: one float32 anchor per rank).
+        outer_optimizer: ``"none"`` (plain average) or ``"nesterov"`` (DiLoCo, arXiv
+            2311.08105: outer SGD with Nesterov momentum on the pseudo-gradient
+            ``anchor - mean``).
+            The warm-up steps' per-step averages take the plain mean.
+        outer_lr: outer learning rate (DiLoCo: 0.7).
+        outer_momentum: outer Nesterov momentum (DiLoCo: 0.9).
         timeout_seconds: longest wait for a cross-node allreduce.
 
     The step counter runs across epochs and is part of :meth:`state_dict`.
@@ -45,6 +55,9 @@ class LocalSGDStrategy(Strategy):
         period: int = 4,
         warmup_steps: int = 0,
         wire_dtype: str = "float32",
+        outer_optimizer: str = "none",
+        outer_lr: float = DEFAULT_OUTER_LR,
+        outer_momentum: float = DEFAULT_OUTER_MOMENTUM,
         timeout_seconds: float = 300.0,
     ) -> None:
         super().__init__(groups, epochs, timeout_seconds)
@@ -56,6 +69,8 @@ class LocalSGDStrategy(Strategy):
         self.period = period
         self.warmup_steps = warmup_steps
         self.wire_dtype = WIRE_DTYPES[wire_dtype]
+        self.outer_options = (outer_optimizer, outer_lr, outer_momentum)
+        build_outer_optimizer(outer_optimizer, 0, "cpu", outer_lr, outer_momentum)  # validate
         self.step = 0
         self.counters = EpochCounters()
         self.averager: CrossNodeAverager | None = None
@@ -63,8 +78,15 @@ class LocalSGDStrategy(Strategy):
     def wrap(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> torch.nn.Module:
         self.optimizer = optimizer
         self.model = self.wrap_in_node(model)
+        tensors, param_numel = synced_state_tensors(model)
+        name, lr, momentum = self.outer_options
         self.averager = CrossNodeAverager(
-            self.groups, model_state_tensors(model), self.wire_dtype, self.timeout
+            self.groups,
+            tensors,
+            self.wire_dtype,
+            self.timeout,
+            param_numel=param_numel,
+            outer=build_outer_optimizer(name, param_numel, self.groups.device, lr, momentum),
         )
         return self.model
 
@@ -75,7 +97,11 @@ class LocalSGDStrategy(Strategy):
     def after_step(self, batch: int) -> None:
         self.step += 1
         if self.topology.num_nodes > 1 and self.is_averaging_step(self.step):
-            self.averager.average(by_ranks=True, tag=f"local SGD average, step {self.step}")
+            self.averager.average(
+                by_ranks=True,
+                outer=self.step > self.warmup_steps,
+                tag=f"local SGD average, step {self.step}",
+            )
 
     def epoch_metrics(self) -> dict[str, float]:
         return {
@@ -86,11 +112,11 @@ class LocalSGDStrategy(Strategy):
         }
 
     def state_dict(self) -> dict[str, Any]:
-        return {"step": self.step, "sender": self.averager.sender}
+        return {"step": self.step, "averager": self.averager.state_dict()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.step = int(state["step"])
-        self.averager.sender = int(state["sender"])
+        self.averager.load_state_dict(state["averager"])
 
     def close(self) -> None:
         if self.averager is not None:
