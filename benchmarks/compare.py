@@ -319,32 +319,33 @@ def run_accuracy_suite(args: argparse.Namespace) -> None:
                 *extra,
                 *args.set,
             ]
+            out = args.out_dir / "runs" / f"{label}_s{seed}"
+            if args.from_runs:  # summarise the runs already in the folder, train nothing
+                if not (out / "link.json").exists():
+                    print(f"== {label} seed {seed}: no finished run in {out}", flush=True)
+                    continue
+                run_rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+                link = json.loads((out / "link.json").read_text())
+                rows += suite_rows(run_rows, link, label, seed, strategy, rate)
+                continue
             print(f"== {label} seed {seed} at {rate}", flush=True)
             begin = time.perf_counter()
             run_rows, link = train_emulated(
-                args.nodes,
-                args.ranks_per_node,
-                rate,
-                args.config,
-                args.out_dir / "runs" / f"{label}_s{seed}",
-                sets,
+                args.nodes, args.ranks_per_node, rate, args.config, out, sets
             )
             print(
                 f"   {time.perf_counter() - begin:.0f} s, final val accuracy "
                 f"{run_rows[-1]['val_accuracy']:.4f}",
                 flush=True,
             )
-            rows += [
-                {
-                    **{k: row.get(k) for k in COLUMNS},
-                    "variant": label,
-                    "seed": seed,
-                    "strategy": strategy,
-                    "link_rate": rate,
-                    "link_tx_bytes": sum(link["tx_bytes"]),
-                }
-                for row in run_rows
-            ]
+            rows += suite_rows(run_rows, link, label, seed, strategy, rate)
+    seeds = sorted({row["seed"] for row in rows})
+    complete = [s for s in seeds if all((v, s) in {(r["variant"], r["seed"]) for r in rows}
+                                        for v in dict.fromkeys(r["variant"] for r in rows))]
+    if complete != args.seeds:
+        print(f"summarising the seeds every variant finished: {complete}", flush=True)
+        rows = [row for row in rows if row["seed"] in complete]
+        args.seeds = complete
     with (args.out_dir / "accuracy.csv").open("w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=ACCURACY_COLUMNS, extrasaction="ignore")
         writer.writeheader()
@@ -352,6 +353,23 @@ def run_accuracy_suite(args: argparse.Namespace) -> None:
     write_accuracy_summary(rows, args, args.out_dir / "accuracy_summary.md")
     plot_accuracy(rows, args, args.out_dir / "accuracy.png")
     print((args.out_dir / "accuracy_summary.md").read_text())
+
+
+def suite_rows(
+    run_rows: list[dict], link: dict, label: str, seed: int, strategy: str, rate: str
+) -> list[dict]:
+    """One run's metrics rows in the suite's CSV layout."""
+    return [
+        {
+            **{k: row.get(k) for k in COLUMNS},
+            "variant": label,
+            "seed": seed,
+            "strategy": strategy,
+            "link_rate": rate,
+            "link_tx_bytes": sum(link["tx_bytes"]),
+        }
+        for row in run_rows
+    ]
 
 
 def accuracy_table(rows: list[dict], seeds: list[int]) -> list[dict]:
@@ -488,6 +506,11 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     parser.add_argument(
         "--variants", nargs="+", default=[v[0] for v in ACCURACY_VARIANTS], help="accuracy suite"
+    )
+    parser.add_argument(
+        "--from-runs",
+        action="store_true",
+        help="accuracy suite: summarise the finished runs under --out-dir/runs, train nothing",
     )
     parser.add_argument("--warmup-epochs", type=int, default=1, help="accuracy suite, DASO")
     parser.add_argument("--cooldown-epochs", type=int, default=2, help="accuracy suite, DASO")

@@ -155,6 +155,8 @@ def scenario_consistency(groups: ProcessGroups, params: dict[str, Any]) -> dict[
         "batches": batches,
         "epochs": epochs,
         "history": history,
+        "synced_numel": strategy.averager.state.numel,
+        "optimizer_numel": sum(t.numel() for t in optimizer_state_tensors(optimizer)),
     }
 
 
@@ -471,7 +473,201 @@ def scenario_resume_disagreement(groups: ProcessGroups, params: dict[str, Any]) 
     return {"resumed": None if resumed is None else resumed.name, "error": error}
 
 
+def daso_on(groups: ProcessGroups, model: torch.nn.Module, **options: Any) -> DASOStrategy:
+    """A DASO strategy wrapped around ``model`` (plain SGD), no warm-up or cool-down."""
+    strategy = DASOStrategy(groups, epochs=1, warmup_epochs=0, cooldown_epochs=0, **options)
+    strategy.wrap(model, torch.optim.SGD(model.parameters(), lr=0.1))
+    return strategy
+
+
+def seeded(numel: int, *seed: int) -> torch.Tensor:
+    """Reproducible float32 normal values of ``numel`` elements for a tuple of ints."""
+    generator = torch.Generator().manual_seed(hash(seed) % (2**31))
+    return torch.randn(numel, generator=generator)
+
+
+def scenario_anchor(groups: ProcessGroups, params: dict[str, Any]) -> dict[str, Any]:
+    """The delta wire on the real averager: small-update drift over 100 blocking averages, one
+    average of large weights, the epoch-end average of a node whose ranks differ, and the
+    rotation of senders with and without the outer optimizer. Values are recorded; the test
+    computes the expectations with NumPy."""
+    topo = groups.topology
+    blocking = SyncParams(0, 1, 0, "warmup")
+    out: dict[str, Any] = {"topology": topology_info(groups)}
+
+    drift = {}
+    for downcast in ("bfloat16", "float32"):
+        model = torch.nn.Linear(8, 8, bias=False)
+        torch.nn.init.constant_(model.weight, 0.05)
+        strategy = daso_on(groups, model, downcast=downcast)
+        strategy.begin_epoch(0, 1000)
+        strategy.schedule.params = blocking
+        for batch in range(100):
+            with torch.no_grad():
+                model.weight.add_(5e-5)
+            strategy.after_step(batch)
+        drift[downcast] = model.weight.detach().clone()
+        strategy.close()
+    out["drift"] = drift
+
+    large = {}
+    for downcast in ("bfloat16", "float32"):
+        model = torch.nn.Linear(64, 8, bias=False)
+        torch.nn.init.constant_(model.weight, 1000.0)
+        strategy = daso_on(groups, model, downcast=downcast)
+        strategy.begin_epoch(0, 1000)
+        strategy.schedule.params = blocking
+        delta = 1e-3 * seeded(model.weight.numel(), 7, topo.node_rank)
+        with torch.no_grad():
+            model.weight.add_(delta.view_as(model.weight))
+        strategy.after_step(0)
+        large[downcast] = {"delta": delta, "final": model.weight.detach().clone().reshape(-1)}
+        strategy.close()
+    out["large"] = large
+
+    torch.manual_seed(0)
+    model = tiny_model()
+    strategy = daso_on(groups, model, downcast="float32", sync_optimizer_state=False)
+    state = FlatBuffer(model_state_tensors(model))
+    strategy.begin_epoch(0, 4)
+    strategy.schedule.params = SyncParams(8, 8, 1, "cycling")
+    strategy.sync_context(1)  # a batch without node-local sync: the node's ranks may differ
+    mine = seeded(state.numel, 11, topo.rank)
+    state.unpack(mine)
+    strategy.after_step(3)  # the last batch: the blocking epoch-end average
+    out["epoch_end"] = {"mine": mine, "final": state.pack().clone()}
+    strategy.close()
+
+    rotation = []
+    for outer in (("none", 0.7, 0.9), ("nesterov", 1.0, 0.0), ("nesterov", 0.7, 0.9)):
+        torch.manual_seed(0)
+        model = tiny_model()
+        strategy = daso_on(
+            groups,
+            model,
+            downcast="float32",
+            outer_optimizer=outer[0],
+            outer_lr=outer[1],
+            outer_momentum=outer[2],
+        )
+        state = FlatBuffer(model_state_tensors(model))
+        anchor = strategy.averager.anchor.clone()
+        strategy.begin_epoch(0, 100)
+        strategy.schedule.params = SyncParams(2, 1, 1, "cycling")
+        sends = []
+        for i in range(4):
+            sent = seeded(state.numel, 21, i, topo.rank)
+            state.unpack(sent)
+            strategy.after_step(2 * i)
+            local = seeded(state.numel, 22, i, topo.rank)
+            state.unpack(local)
+            strategy.after_step(2 * i + 1)
+            sends.append(
+                {
+                    "sent": sent,
+                    "local": local,
+                    "final": state.pack().clone(),
+                    "anchor": strategy.averager.anchor.clone(),
+                }
+            )
+        rotation.append(
+            {
+                "outer": outer,
+                "initial_anchor": anchor,
+                "param_numel": strategy.averager.param_numel,
+                "sends": sends,
+            }
+        )
+        strategy.close()
+    out["rotation"] = rotation
+    return out
+
+
+def scenario_finetune(groups: ProcessGroups, params: dict[str, Any]) -> dict[str, Any]:
+    """Fine-tuning from a trained linear model at a learning rate whose updates are far below
+    half a bfloat16 ulp of the weights: DASO, blocking every step, bfloat16 and float32 wires,
+    driven step by step (forward, backward, optimizer step, ``after_step``)."""
+    topo = groups.topology
+    gen = torch.Generator().manual_seed(5)
+    trained = torch.randn(1, 16, generator=gen).add_(2.0)  # |w| ~ 2: half an ulp is 2^-8
+    target = trained + 0.01  # the new task's optimum, a small move away
+    inputs = torch.randn(64, 16, generator=torch.Generator().manual_seed(100 + topo.rank))
+    labels = inputs @ target.T
+    runs = {}
+    for downcast in ("bfloat16", "float32"):
+        model = torch.nn.Linear(16, 1, bias=False)
+        with torch.no_grad():
+            model.weight.copy_(trained)
+        optimizer = torch.optim.SGD(model.parameters(), lr=float(params.get("lr", 2e-3)))
+        strategy = DASOStrategy(groups, epochs=1, warmup_epochs=1, cooldown_epochs=0,
+                                downcast=downcast)
+        wrapped = strategy.wrap(model, optimizer)
+        steps = int(params.get("steps", 60))
+        strategy.begin_epoch(0, steps + 1)
+        losses, updates = [], []
+        for batch in range(steps):
+            optimizer.zero_grad()
+            with strategy.sync_context(batch):
+                loss = torch.nn.functional.mse_loss(wrapped(inputs), labels)
+                loss.backward()
+            losses.append(loss.item())
+            before = model.weight.detach().clone()
+            optimizer.step()
+            updates.append((model.weight.detach() - before).abs().max().item())
+            strategy.after_step(batch)
+        with torch.no_grad():
+            final_loss = torch.nn.functional.mse_loss(model(inputs), labels).item()
+        runs[downcast] = {
+            "losses": losses,
+            "final_loss": final_loss,
+            "max_update": max(updates),
+            "weight": model.weight.detach().clone(),
+        }
+        strategy.close()
+    return {"topology": topology_info(groups), "trained": trained, "runs": runs}
+
+
+def scenario_eamsgd(groups: ProcessGroups, params: dict[str, Any]) -> dict[str, Any]:
+    """EAMSGD (period 2, alpha 0.3, delta 0.9, lr 0.05) on a least-squares model with this
+    rank's own data, driven through the strategy's hooks for 6 steps."""
+    from daso.strategies import EAMSGDStrategy
+
+    rank = groups.topology.rank
+    gen = torch.Generator().manual_seed(30 + rank)
+    inputs = torch.randn(8, 4, generator=gen)
+    labels = torch.randn(8, 1, generator=gen)
+    model = torch.nn.Linear(4, 1, bias=False)
+    with torch.no_grad():
+        model.weight.copy_(torch.tensor([[0.5, -0.2, 0.1, 0.3]]))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
+    strategy = EAMSGDStrategy(groups, epochs=1, period=2, moving_rate=0.3, momentum=0.9)
+    wrapped = strategy.wrap(model, optimizer)
+    initial = model.weight.detach().clone()
+    params_after, centers = [], []
+    strategy.begin_epoch(0, 6)
+    for batch in range(6):
+        optimizer.zero_grad()
+        with strategy.sync_context(batch):
+            torch.nn.functional.mse_loss(wrapped(inputs), labels).backward()
+        strategy.after_backward(batch)
+        optimizer.step()
+        strategy.after_step(batch)
+        params_after.append(model.weight.detach().clone().reshape(-1))
+        centers.append(strategy.center.clone())
+    strategy.close()
+    return {
+        "inputs": inputs,
+        "labels": labels,
+        "initial": initial.reshape(-1),
+        "params": params_after,
+        "centers": centers,
+    }
+
+
 SCENARIOS = {
+    "eamsgd": scenario_eamsgd,
+    "anchor": scenario_anchor,
+    "finetune": scenario_finetune,
     "resume_disagreement": scenario_resume_disagreement,
     "merge": scenario_merge,
     "consistency": scenario_consistency,

@@ -62,6 +62,19 @@ def test_parameters_bitwise_identical_after_every_epoch(tmp_path):
         assert len({ranks[e] for ranks in epochs}) == 1, f"ranks differ after epoch {e}"
     skips = [row["global_skips"] for row in results[0]["history"]]
     assert skips == [4, 4, 2, 1, 8, 0], skips  # the schedule really cycled
+    # sends, merges and blocking averages per epoch, counted from the schedule: a send on every
+    # batch b < B - 1 with b % S == 0, each merged within the epoch, one blocking average at the
+    # epoch end; a blocking epoch averages after every batch. Every phase sends bfloat16 (2
+    # bytes an element): P model elements per send and per node, the model and the optimizer
+    # state (Q) at the epoch end; cross_node_bytes sums all ranks.
+    num_batches, synced, optimizer = 16, results[0]["synced_numel"], results[0]["optimizer_numel"]
+    for row in results[0]["history"]:
+        s = row["global_skips"]
+        sends = len([b for b in range(num_batches - 1) if b % s == 0]) if s else 0
+        blocking = 1 if s else num_batches
+        assert (row["sends"], row["merges"], row["blocking_averages"]) == (sends, sends, blocking)
+        elements = synced * (sends + blocking) + optimizer
+        assert row["cross_node_bytes"] == 2 * 2 * elements, (row, elements)
     checked = skipped_differs = 0
     for i, row in enumerate(results[0]["batches"]):
         for node_ranks in ([0, 1], [2, 3]):
@@ -101,6 +114,7 @@ MNIST_ACCURACY_BOUND = 0.95
     "config",
     [
         "mnist_cnn_daso.yaml",
+        "mnist_cnn_daso.yaml+nesterov",
         "mnist_cnn_ddp.yaml",
         "mnist_cnn_hierarchical.yaml",
         "mnist_cnn_local_sgd.yaml",
@@ -108,6 +122,9 @@ MNIST_ACCURACY_BOUND = 0.95
 )
 def test_trains_real_mnist_2_nodes_x_2_ranks(tmp_path, config):
     overrides = ["trainer.epochs=4"]
+    if config.endswith("+nesterov"):  # DiLoCo's outer step on the cycling syncs
+        config = config.removesuffix("+nesterov")
+        overrides.append("strategy.outer_optimizer=nesterov")
     if "daso" in config:
         overrides += ["strategy.warmup_epochs=1", "strategy.cooldown_epochs=1"]
     rows = train_cli(tmp_path, config, 4, "2", *overrides)

@@ -44,3 +44,33 @@ def test_unstable_outside_the_region(eta):
 
 def test_unstable_for_eta_above_two():
     assert run_map(2.05, 0.01) > 1e3
+
+
+def test_nesterov_point_recovers_sutskevers_x_from_torchs_look_ahead():
+    """PyTorch's Nesterov SGD keeps x + delta v in its parameters; stepped beside Sutskever's
+    form in NumPy (EASGD paper, Algorithm 2: x_a = x + delta v, v <- delta v - eta g(x_a),
+    x <- x + v), ``nesterov_point`` must give back x, not the look-ahead."""
+    import numpy as np
+
+    from daso.comm import FlatBuffer
+    from daso.strategies.easgd import nesterov_point
+
+    rng = np.random.default_rng(0)
+    a = rng.normal(size=(6, 6))
+    hessian = a @ a.T / 6 + np.eye(6)
+    eta, delta = 0.05, 0.9
+    x = rng.normal(size=6)
+    v = np.zeros(6)
+    param = torch.nn.Parameter(torch.tensor(x, dtype=torch.float64))
+    optimizer = torch.optim.SGD([param], lr=eta, momentum=delta, nesterov=True)
+    state = FlatBuffer([param], dtype=torch.float64)
+    h = torch.tensor(hessian)
+    for _ in range(8):
+        x_a = x + delta * v
+        v = delta * v - eta * (hessian @ x_a)
+        x = x + v
+        optimizer.zero_grad()
+        (0.5 * param @ h @ param).backward()
+        optimizer.step()
+        np.testing.assert_allclose(param.detach().numpy(), x + delta * v, rtol=1e-10)
+        np.testing.assert_allclose(nesterov_point(state, optimizer).numpy(), x, rtol=1e-10)

@@ -166,3 +166,27 @@ def test_bad_schedule_values_are_config_errors(kwargs, word):
         DASOSchedule(epochs=10, **kwargs) if "warmup_epochs" not in kwargs else DASOSchedule(
             epochs=5, **kwargs
         )
+
+
+def test_plateau_threshold_is_relative_to_the_magnitude_of_the_best_loss():
+    """Negative losses (e.g. a log-likelihood objective): -2.0 -> -2.2 improves by 10 % of
+    |best|; ReduceLROnPlateau's ``best * (1 - threshold)`` would ask for a loss above -1.9."""
+    detector = PlateauDetector(threshold=0.05, patience=0)
+    detector.step(-2.0)
+    assert not detector.step(-2.2)
+    assert detector.best == -2.2
+    assert detector.step(-2.21)  # 0.5 % of |best|: no progress, patience 0: plateau
+    positive = PlateauDetector(threshold=0.05, patience=0)
+    positive.step(2.0)
+    assert not positive.step(1.8) and positive.best == 1.8
+
+
+def test_detector_is_fed_from_the_last_warmup_epoch_on():
+    """Warm-up losses 1.0, 3.0 (the last warm-up epoch), then 2.8, 2.8, 2.8: fed from the last
+    warm-up epoch, the best is 3.0 and 2.8 improves on it (no plateau: S stays 4); fed every
+    warm-up epoch, the best would be 1.0 and the cycling epochs would plateau to S = 2."""
+    schedule = DASOSchedule(epochs=8, warmup_epochs=2, cooldown_epochs=1, patience=1)
+    seen = run(schedule, [1.0, 3.0, 2.8, 2.8, 2.8, 2.8])
+    assert seen[2] == (4, 1, 1)
+    assert seen[3:5] == [(4, 1, 1), (4, 1, 1)]
+    assert schedule.detector.best == 2.8

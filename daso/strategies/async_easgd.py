@@ -19,7 +19,9 @@ for each other: only for the servers, which answer while their own workers compu
 
 ``moving_rate`` alpha defaults to ``beta / p`` with ``beta = 0.9`` (the paper's choice). With
 ``momentum`` set, the optimizer's step is Nesterov momentum ``delta`` (asynchronous EAMSGD,
-Algorithm 2). Validation evaluates the center unless ``evaluate: worker``; BatchNorm statistics
+Algorithm 2), and the worker sends its point ``x``, recovered from PyTorch's look-ahead
+parameters as ``p + lr * delta * b`` (:func:`~daso.strategies.easgd.nesterov_point`), not the
+look-ahead itself. Validation evaluates the center unless ``evaluate: worker``; BatchNorm statistics
 follow the elastic rule like parameters.
 """
 
@@ -32,6 +34,7 @@ import torch
 from daso.comm.param_server import Op
 from daso.errors import ConfigError
 from daso.strategies.center_server import CenterServerStrategy
+from daso.strategies.easgd import nesterov_point
 from daso.topology import ProcessGroups
 
 
@@ -84,7 +87,7 @@ class AsyncEASGDStrategy(CenterServerStrategy):
         ``[P]``) for :meth:`after_step`; the servers have already applied step b)."""
         if not self.is_exchange_step():
             return
-        x = self.state.pack()
+        x = nesterov_point(self.state, self.optimizer)  # p itself without Nesterov momentum
         self.difference = x - self.exchange(Op.ELASTIC, x)
 
     def after_step(self, batch: int) -> None:

@@ -16,7 +16,11 @@ from rank 0 to remove floating-point drift. ``beta = p * alpha`` defaults to 0.9
 choice), i.e. ``alpha = 0.9 / p``, unless ``moving_rate`` gives ``alpha``.
 
 ``eamsgd`` is the momentum variant (Algorithm 2): the local step uses Nesterov momentum
-``delta`` (default 0.99, as in the paper), the elastic term the pre-step parameters.
+``delta`` (default 0.99, as in the paper). As in Algorithm 2 (and the authors'
+``optim-eamsgd.lua``), the elastic exchange comes first, before the gradient is taken, and
+the elastic difference is formed at the worker's point ``x``, not at the look-ahead point:
+PyTorch's ``nesterov=True`` keeps the look-ahead ``x + delta v`` in the parameters, so ``x``
+is recovered as ``p + lr * delta * b`` from its momentum buffer ``b`` (:func:`nesterov_point`).
 
 Validation evaluates the center ``x~`` (the paper's choice) unless ``evaluate: worker``.
 BatchNorm statistics (floating-point buffers) are treated like parameters: the elastic rule
@@ -42,6 +46,38 @@ from daso.errors import ConfigError
 from daso.strategies.averaging import shard_sum_link, sum_shards_over_nodes
 from daso.strategies.base import EpochCounters, Strategy
 from daso.topology import ProcessGroups
+
+
+def nesterov_point(state: FlatBuffer, optimizer: torch.optim.Optimizer) -> torch.Tensor:
+    """The worker's point ``x`` of Nesterov momentum (Sutskever's form), float32 ``[P]``.
+
+    PyTorch's SGD with ``nesterov=True`` (dampening 0) stores the look-ahead point: its
+    parameter ``p`` is Sutskever's ``x + delta v``, with velocity ``v = -lr * b`` for its
+    momentum buffer ``b`` (EASGD paper, Algorithm 2, ``x_a = x + delta v``; Sutskever et al.
+    2013, eq. 3-4). So ``x = p + lr * delta * b``, exactly while the learning rate is constant
+    (under an LR schedule ``v`` mixes past rates and this uses the current one). Tensors without
+    a momentum buffer (buffers, a first step, plain SGD) give ``p`` itself.
+
+    Args:
+        state: the flat mirror of the worker's parameters and buffers.
+        optimizer: the worker's optimizer (SGD).
+
+    Returns:
+        A new float32 ``[P]`` tensor in ``state``'s layout.
+    """
+    point = state.pack().clone()
+    rates = {
+        id(param): group["lr"] * group["momentum"]
+        for group in optimizer.param_groups
+        if group.get("nesterov") and group.get("momentum", 0) > 0
+        for param in group["params"]
+    }
+    views = point.split([t.numel() for t in state.tensors])
+    for view, tensor in zip(views, state.tensors):
+        buf = optimizer.state.get(tensor, {}).get("momentum_buffer") if id(tensor) in rates else None
+        if buf is not None:
+            view.add_(buf.reshape(-1), alpha=rates[id(tensor)])
+    return point
 
 
 def elastic_difference(local: torch.Tensor, center: torch.Tensor) -> torch.Tensor:
@@ -152,26 +188,38 @@ class EASGDStrategy(Strategy):
         self.cross = shard_sum_link(self.groups, self.state.numel, self.wire_dtype, self.timeout)
         return self.model
 
-    def after_backward(self, batch: int) -> None:
-        """On an elastic step, take ``x^i - x~`` before the optimizer moves ``x^i`` and sum it
-        over the nodes (local rank i sums shard i over C_i, then shares it in the node)."""
-        if (self.step + 1) % self.period != 0:
-            return
-        self.difference = elastic_difference(self.state.pack(), self.center)
+    def is_elastic_step(self) -> bool:
+        """Whether the step about to run (1-based ``step + 1``) exchanges with the center."""
+        return (self.step + 1) % self.period == 0
+
+    def _exchange(self, point: torch.Tensor) -> None:
+        """Keep ``x^i - x~`` (from ``point``, float32 ``[P]``) and its sum over the nodes (local
+        rank i sums shard i over C_i, then shares it in the node)."""
+        self.difference = elastic_difference(point, self.center)
         self.difference_sum = sum_shards_over_nodes(
             self.difference.clone(), self.groups, self.cross, tag=f"EASGD step {self.step + 1}"
         )
 
-    def after_step(self, batch: int) -> None:
-        self.step += 1
-        if self.step % self.period != 0:
-            return
+    def _apply_exchange(self) -> None:
+        """The elastic moves of the kept exchange, on the model and on the center."""
         local = self.state.pack()
         apply_elastic(local, self.center, self.difference, self.difference_sum, self.alpha)
         self.state.unpack()
+        self.difference = self.difference_sum = None
         self.elastic_steps += 1
         if self.elastic_steps % self.center_resync_period == 0:
             broadcast(self.center, 0)
+
+    def after_backward(self, batch: int) -> None:
+        """On an elastic step, take ``x^i - x~`` before the optimizer moves ``x^i`` (eqs. 5-6:
+        gradient and elastic force from the same ``x^i_t``) and sum it over the nodes."""
+        if self.is_elastic_step():
+            self._exchange(self.state.pack())
+
+    def after_step(self, batch: int) -> None:
+        self.step += 1
+        if self.difference is not None:
+            self._apply_exchange()
 
     def evaluation(self) -> contextlib.AbstractContextManager:
         """Swap the center in for validation (``evaluate: center``), the worker back after."""
@@ -224,3 +272,16 @@ class EAMSGDStrategy(EASGDStrategy):
             raise ConfigError(f"eamsgd: momentum must be in [0, 1), got {momentum}")
         self.momentum = momentum
         super().__init__(groups, epochs, **options)
+
+    def sync_context(self, batch: int) -> contextlib.AbstractContextManager:
+        """Algorithm 2's order: on an elastic step the exchange happens here, before the
+        forward pass, with the difference formed at ``x`` (:func:`nesterov_point`); both
+        elastic moves are applied at once, so the gradient is taken at the moved look-ahead
+        point."""
+        if self.is_elastic_step():
+            self._exchange(nesterov_point(self.state, self.optimizer))
+            self._apply_exchange()
+        return contextlib.nullcontext()
+
+    def after_backward(self, batch: int) -> None:
+        """Nothing: the exchange ran before the forward pass (:meth:`sync_context`)."""
