@@ -340,8 +340,14 @@ def run_accuracy_suite(args: argparse.Namespace) -> None:
             )
             rows += suite_rows(run_rows, link, label, seed, strategy, rate)
     seeds = sorted({row["seed"] for row in rows})
-    complete = [s for s in seeds if all((v, s) in {(r["variant"], r["seed"]) for r in rows}
-                                        for v in dict.fromkeys(r["variant"] for r in rows))]
+    complete = [
+        s
+        for s in seeds
+        if all(
+            (v, s) in {(r["variant"], r["seed"]) for r in rows}
+            for v in dict.fromkeys(r["variant"] for r in rows)
+        )
+    ]
     if complete != args.seeds:
         print(f"summarising the seeds every variant finished: {complete}", flush=True)
         rows = [row for row in rows if row["seed"] in complete]

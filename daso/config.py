@@ -238,6 +238,11 @@ class DASOConfig(OuterOptimizerOptions):
     downcast: WireDtype = Field(
         "bfloat16", description="Wire dtype of cross-node syncs (differences from the anchor)."
     )
+    merge: Literal["staleness", "progress"] = Field(
+        "staleness",
+        description="Merge of an arrived sync: staleness ((2W x + N mean) / (2W + N), the "
+        "paper's) or progress (mean + own progress since the send).",
+    )
     sync_optimizer_state: bool = Field(
         True, description="Average optimizer state across nodes at each epoch end."
     )

@@ -539,7 +539,12 @@ def scenario_anchor(groups: ProcessGroups, params: dict[str, Any]) -> dict[str, 
     strategy.close()
 
     rotation = []
-    for outer in (("none", 0.7, 0.9), ("nesterov", 1.0, 0.0), ("nesterov", 0.7, 0.9)):
+    for outer in (
+        ("none", 0.7, 0.9, "staleness"),
+        ("nesterov", 1.0, 0.0, "staleness"),
+        ("nesterov", 0.7, 0.9, "staleness"),
+        ("nesterov", 0.7, 0.9, "progress"),
+    ):
         torch.manual_seed(0)
         model = tiny_model()
         strategy = daso_on(
@@ -549,6 +554,7 @@ def scenario_anchor(groups: ProcessGroups, params: dict[str, Any]) -> dict[str, 
             outer_optimizer=outer[0],
             outer_lr=outer[1],
             outer_momentum=outer[2],
+            merge=outer[3],
         )
         state = FlatBuffer(model_state_tensors(model))
         anchor = strategy.averager.anchor.clone()
@@ -599,8 +605,9 @@ def scenario_finetune(groups: ProcessGroups, params: dict[str, Any]) -> dict[str
         with torch.no_grad():
             model.weight.copy_(trained)
         optimizer = torch.optim.SGD(model.parameters(), lr=float(params.get("lr", 2e-3)))
-        strategy = DASOStrategy(groups, epochs=1, warmup_epochs=1, cooldown_epochs=0,
-                                downcast=downcast)
+        strategy = DASOStrategy(
+            groups, epochs=1, warmup_epochs=1, cooldown_epochs=0, downcast=downcast
+        )
         wrapped = strategy.wrap(model, optimizer)
         steps = int(params.get("steps", 60))
         strategy.begin_epoch(0, steps + 1)

@@ -66,22 +66,22 @@ def outer_step(anchor, mean, buffer, lr, momentum):
     return anchor - lr * (grad + momentum * buffer), buffer
 
 
-@pytest.mark.parametrize("case", [0, 1, 2], ids=["none", "nesterov_1_0", "nesterov_07_09"])
+@pytest.mark.parametrize(
+    "case", [0, 1, 2, 3], ids=["none", "nesterov_1_0", "nesterov_07_09", "nesterov_progress"]
+)
 def test_senders_rotate_and_merges_follow_the_formula(anchor_results, case):
     """Send i is taken by local rank i % 2 of every node (the ranks hold different values, so
     a fixed sender would fail); mean = a + sum_n (x_sent - a) / N, the anchor advances by the
     outer step on the parameters (buffers: the mean), and x <- (2W x_local + N a) / (2W + N),
-    W = 1."""
+    W = 1 (merge "staleness") or x <- a + (x_local - x_sent) (merge "progress")."""
     runs = [r["rotation"][case] for r in anchor_results]
-    name, lr, momentum = runs[0]["outer"]
+    name, lr, momentum, rule = runs[0]["outer"]
     params = runs[0]["param_numel"]
     anchor = runs[0]["initial_anchor"].double().numpy()
     buffer = np.zeros_like(anchor)
     for i in range(4):
         sender = i % LOCAL
-        sent = [
-            runs[ranks_of(n)[sender]]["sends"][i]["sent"].double().numpy() for n in range(2)
-        ]
+        sent = [runs[ranks_of(n)[sender]]["sends"][i]["sent"].double().numpy() for n in range(2)]
         mean = anchor + sum(s - anchor for s in sent) / NUM_NODES
         if name == "none":
             anchor = mean
@@ -92,7 +92,10 @@ def test_senders_rotate_and_merges_follow_the_formula(anchor_results, case):
             anchor = np.concatenate([stepped, mean[params:]])
         for node in range(NUM_NODES):
             local = runs[ranks_of(node)[sender]]["sends"][i]["local"].double().numpy()
-            expected = (2 * local + NUM_NODES * anchor) / (2 + NUM_NODES)
+            if rule == "staleness":
+                expected = (2 * local + NUM_NODES * anchor) / (2 + NUM_NODES)
+            else:
+                expected = anchor + local - sent[node]
             for rank in ranks_of(node):
                 got = runs[rank]["sends"][i]
                 np.testing.assert_allclose(got["anchor"].double().numpy(), anchor, atol=1e-5)

@@ -35,7 +35,9 @@ def test_merge_matches_formula_w0_w1_w2(tmp_path, n, layout):
         anchor = cases[0]["anchor"].double().numpy()
         for rank in range(n):  # the anchor is the same on every rank
             np.testing.assert_array_equal(cases[rank]["anchor"].numpy(), anchor)
-        deltas = [cases[senders[node]]["sent"].double().numpy() - anchor for node in range(num_nodes)]
+        deltas = [
+            cases[senders[node]]["sent"].double().numpy() - anchor for node in range(num_nodes)
+        ]
         mean = anchor + sum(deltas) / num_nodes
         magnitude = sum(np.abs(d) for d in deltas)
         for rank, t in enumerate(topo):

@@ -168,6 +168,7 @@ class CrossNodeAverager:
         self.sender = 0
         self._extended: FlatBuffer | None = None
         self._sent: torch.Tensor | None = None  # one node: the sum over nodes of the delta
+        self.sent_delta: torch.Tensor | None = None  # the sender's own x_sent - anchor
 
     # -- the anchor ------------------------------------------------------------------------
     def _advance_anchor(self, mean: torch.Tensor, outer: bool = True) -> torch.Tensor:
@@ -191,13 +192,16 @@ class CrossNodeAverager:
         """Whether this rank talks across nodes for ``sender``'s sync."""
         return self.topology.local_rank == sender
 
-    def start(self, tag: Any = None) -> int:
+    def start(self, tag: Any = None, keep_sent: bool = False) -> int:
         """Start the non-blocking sum over nodes of ``x - anchor`` on the next sender's
         cross-node group; returns at once with the sender's local rank. The sender's node must
-        hold its parameters then (they are sent as they are)."""
+        hold its parameters then (they are sent as they are). With ``keep_sent`` the sender
+        keeps its own float32 difference in :attr:`sent_delta` (for the ``progress`` merge;
+        one more float32 ``[P]`` while the sync is in flight)."""
         sender = self.next_sender()
         if self.is_sender(sender):
             delta = self.state.pack().sub_(self.anchor)
+            self.sent_delta = delta.clone() if keep_sent else None
             if self.cross is not None:
                 self.cross.start(delta, tag=tag)
             else:
@@ -212,16 +216,29 @@ class CrossNodeAverager:
         return sent
 
     def merge(
-        self, sender: int, batches_waited: int, summed: torch.Tensor | None = None
+        self,
+        sender: int,
+        batches_waited: int,
+        summed: torch.Tensor | None = None,
+        rule: str = "staleness",
     ) -> None:
         """Complete ``sender``'s sync: on every rank the anchor becomes the mean (or the outer
-        step), on the sender ``x <- (2W x + N * anchor) / (2W + N)`` (:func:`merge_stale`),
-        which it then broadcasts to the rest of its node.
+        step); the sender merges its newer parameters with the new anchor ``a'`` and
+        broadcasts the result to the rest of its node.
+
+        Rules, with ``x`` the sender's current parameters and ``x_sent`` what it sent:
+
+        * ``"staleness"`` (DASO paper, eq. 1): ``x <- (2W x + N a') / (2W + N)``
+          (:func:`merge_stale`);
+        * ``"progress"``: ``x <- a' + (x - x_sent)``, the node's own progress since the send
+          laid on the new global point (needs :meth:`start` with ``keep_sent``); every node
+          then differs from the others only by its last W batches of progress.
 
         Args:
             sender: the local rank :meth:`start` returned.
             batches_waited: W, optimizer steps since the send.
             summed: the sender's completed sum, if it was already collected (a checkpoint).
+            rule: ``"staleness"`` or ``"progress"``.
         """
         topo = self.topology
         src = topo.global_rank(topo.node_rank, sender)
@@ -229,9 +246,15 @@ class CrossNodeAverager:
         if self.is_sender(sender):
             total = summed if summed is not None else self.collect()
         broadcast(total, src, self.groups.node_group)
+        sent = self.anchor + self.sent_delta if self.sent_delta is not None else None
         anchor = self._advance_anchor(self.anchor + total / topo.num_nodes)
         if self.is_sender(sender):
-            merge_stale(self.state.pack(), anchor, batches_waited, topo.num_nodes)
+            local = self.state.pack()
+            if rule == "progress":
+                local.sub_(sent).add_(anchor)
+            else:
+                merge_stale(local, anchor, batches_waited, topo.num_nodes)
+        self.sent_delta = None
         self.broadcast_from(sender)
 
     def broadcast_from(self, sender: int) -> None:

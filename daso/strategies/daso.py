@@ -35,12 +35,16 @@ from typing import Any
 import torch
 
 from daso.comm import WIRE_DTYPES, no_sync, optimizer_state_tensors, synced_state_tensors
+from daso.errors import ConfigError
 from daso.schedule import CYCLING, DASOSchedule
 from daso.strategies.averaging import CrossNodeAverager
 from daso.strategies.base import EpochCounters, Strategy
 from daso.strategies.outer import DEFAULT_OUTER_LR, DEFAULT_OUTER_MOMENTUM, build_outer_optimizer
 from daso.topology import ProcessGroups
 
+#: How a sender merges the arrived mean with its newer parameters (see
+#: :meth:`~daso.strategies.averaging.CrossNodeAverager.merge`).
+MERGE_RULES = ("staleness", "progress")
 #: Per-epoch counts in :meth:`DASOStrategy.epoch_metrics`.
 SYNC_COUNTS = ("sends", "merges", "blocking_averages")
 
@@ -57,6 +61,10 @@ class DASOStrategy(Strategy):
         downcast: wire dtype of the differences from the anchor in cross-node syncs:
             ``"bfloat16"``, ``"float16"`` or ``"float32"``. The model state itself stays
             float32; memory: one float32 anchor of the synced state per rank.
+        merge: ``"staleness"`` (the paper's eq. 1, ``x <- (2W x + N mean) / (2W + N)``) or
+            ``"progress"`` (``x <- mean + (x - x_sent)``: the node's own progress since the
+            send on top of the mean, so nodes do not drift apart between syncs; one more float32
+            copy of the state on the sender while a sync is in flight).
         outer_optimizer: ``"none"`` (the plain mean, the paper's algorithm) or ``"nesterov"``
             (DiLoCo's outer SGD with Nesterov momentum on the anchor, driven by the
             pseudo-gradient ``anchor - mean``; one more float32 copy of the state per rank).
@@ -83,6 +91,7 @@ class DASOStrategy(Strategy):
         epochs: int,
         *,
         downcast: str = "bfloat16",
+        merge: str = "staleness",
         outer_optimizer: str = "none",
         outer_lr: float = DEFAULT_OUTER_LR,
         outer_momentum: float = DEFAULT_OUTER_MOMENTUM,
@@ -94,6 +103,9 @@ class DASOStrategy(Strategy):
         super().__init__(groups, epochs, timeout_seconds)
         self.schedule = DASOSchedule(epochs, **schedule_options)
         self.wire_dtype = WIRE_DTYPES[downcast]
+        if merge not in MERGE_RULES:
+            raise ConfigError(f"daso: merge must be one of {', '.join(MERGE_RULES)}, got {merge!r}")
+        self.merge_rule = merge
         self.outer_options = (outer_optimizer, outer_lr, outer_momentum)
         build_outer_optimizer(outer_optimizer, 0, "cpu", outer_lr, outer_momentum)  # validate
         self.sync_optimizer_state = sync_optimizer_state
@@ -146,7 +158,8 @@ class DASOStrategy(Strategy):
             self._start_send(batch)
 
     def _start_send(self, batch: int) -> None:
-        sender = self.averager.start(tag=f"DASO send at batch {batch}")
+        keep = self.merge_rule == "progress"
+        sender = self.averager.start(tag=f"DASO send at batch {batch}", keep_sent=keep)
         self.pending = (batch, sender)
         self.syncs["sends"] += 1
 
@@ -154,7 +167,7 @@ class DASOStrategy(Strategy):
         _, sender = self.pending
         self.pending = None
         received, self._received = self._received, None
-        self.averager.merge(sender, batches_waited, summed=received)
+        self.averager.merge(sender, batches_waited, summed=received, rule=self.merge_rule)
         self.syncs["merges"] += 1
 
     def _epoch_average(self) -> None:
@@ -201,6 +214,8 @@ class DASOStrategy(Strategy):
             if self._received is None:
                 self._received = averager.collect().clone()
             state["received"] = self._received.cpu()
+            if averager.sent_delta is not None:
+                state["sent_delta"] = averager.sent_delta.cpu().clone()
         return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -210,6 +225,8 @@ class DASOStrategy(Strategy):
         self.pending = (int(pending[0]), int(pending[1])) if pending is not None else None
         received = state.get("received")
         self._received = received.to(self.groups.device) if received is not None else None
+        sent = state.get("sent_delta")
+        self.averager.sent_delta = sent.to(self.groups.device) if sent is not None else None
 
     def close(self) -> None:
         if self.averager is not None:

@@ -74,7 +74,9 @@ def nesterov_point(state: FlatBuffer, optimizer: torch.optim.Optimizer) -> torch
     }
     views = point.split([t.numel() for t in state.tensors])
     for view, tensor in zip(views, state.tensors):
-        buf = optimizer.state.get(tensor, {}).get("momentum_buffer") if id(tensor) in rates else None
+        buf = (
+            optimizer.state.get(tensor, {}).get("momentum_buffer") if id(tensor) in rates else None
+        )
         if buf is not None:
             view.add_(buf.reshape(-1), alpha=rates[id(tensor)])
     return point

@@ -6,8 +6,9 @@ node every step (DDP on the node group); across nodes, all parameters and floati
 buffers are averaged, blocking, after each of the first ``warmup_steps`` steps and then every
 ``period`` steps (sent as the difference from a float32 anchor, the last average, so a 16-bit
 wire rounds the update, not the weight; optionally with DiLoCo's outer Nesterov step on the
-anchor, ``outer_optimizer: nesterov``). The average weighs each node by its rank count, so with ``period: 1`` and plain
-SGD it equals synchronous SGD over all ranks (``ddp``), uneven nodes included.
+anchor, ``outer_optimizer: nesterov``). The average weighs each node by its rank count, so
+with ``period: 1`` and plain SGD it equals synchronous SGD over all ranks (``ddp``), uneven
+nodes included.
 """
 
 from __future__ import annotations
