@@ -6,7 +6,14 @@ import numpy as np
 import pytest
 import torch
 
-from daso.comm import FlatBuffer, model_state_tensors, mpi_buffer, mpi_sum, optimizer_state_tensors
+from daso.comm import (
+    FlatBuffer,
+    model_state_tensors,
+    mpi_buffer,
+    mpi_sum,
+    optimizer_state_tensors,
+    synced_state_tensors,
+)
 from daso.strategies import merge_stale
 
 
@@ -28,6 +35,17 @@ def test_state_tensors_include_frozen_params_and_bn_statistics_not_counters():
     ]
     assert len(tensors) == len(names) == 8  # 6 params + running_mean + running_var
     assert all(t.is_floating_point() for t in tensors)
+
+
+def test_synced_state_leaves_frozen_params_and_counters_off_the_wire():
+    """The cross-node average moves trainable parameters, then floating-point buffers; the
+    frozen first layer (equal everywhere) and num_batches_tracked never cross the wire."""
+    model = model_with_frozen_layer()
+    tensors, param_numel = synced_state_tensors(model)
+    expected = [model[1].weight, model[1].bias, model[2].weight, model[2].bias]
+    expected += [model[1].running_mean, model[1].running_var]
+    assert len(tensors) == len(expected) and all(a is b for a, b in zip(tensors, expected))
+    assert param_numel == 4 + 4 + 8 + 2
 
 
 def test_flat_buffer_round_trip_is_exact():

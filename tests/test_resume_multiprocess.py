@@ -18,13 +18,15 @@ WORKER = ROOT / "tests" / "resume_worker.py"
 
 #: Strategies and options that make each one do its real work within 4 short epochs.
 STRATEGIES = {
-    # with the outer optimizer: its momentum and the anchor are part of the exact state (plain
-    # DASO resumes bitwise in test_faults_multiprocess's SIGTERM test)
+    # with the outer optimizer and the progress merge: the outer momentum, the anchor and the
+    # sender's own sent difference are part of the exact state (plain DASO resumes bitwise in
+    # test_faults_multiprocess's SIGTERM test)
     "daso": {
         "warmup_epochs": 1,
         "cooldown_epochs": 1,
         "max_global_skips": 4,
         "outer_optimizer": "nesterov",
+        "merge": "progress",
     },
     "ddp": {},
     "hierarchical": {},
