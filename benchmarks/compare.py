@@ -281,6 +281,7 @@ ACCURACY_VARIANTS = [
     ("hierarchical", "hierarchical", []),
     ("local_sgd", "local_sgd", []),
     ("daso", "daso", []),
+    ("daso_staleness", "daso", ["strategy.merge=staleness"]),
     ("daso_fp32", "daso", ["strategy.downcast=float32"]),
     ("daso_nesterov", "daso", ["strategy.outer_optimizer=nesterov"]),
 ]

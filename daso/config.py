@@ -239,9 +239,9 @@ class DASOConfig(OuterOptimizerOptions):
         "bfloat16", description="Wire dtype of cross-node syncs (differences from the anchor)."
     )
     merge: Literal["staleness", "progress"] = Field(
-        "staleness",
-        description="Merge of an arrived sync: staleness ((2W x + N mean) / (2W + N), the "
-        "paper's) or progress (mean + own progress since the send).",
+        "progress",
+        description="Merge of an arrived sync: progress (mean + own progress since the send) "
+        "or staleness ((2W x + N mean) / (2W + N), the paper's eq. 1).",
     )
     sync_optimizer_state: bool = Field(
         True, description="Average optimizer state across nodes at each epoch end."

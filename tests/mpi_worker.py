@@ -58,7 +58,12 @@ def scenario_merge(groups: ProcessGroups, params: dict[str, Any]) -> dict[str, A
             torch.manual_seed(0)
             model = tiny_model()
             strategy = DASOStrategy(
-                groups, epochs=1, warmup_epochs=0, cooldown_epochs=0, downcast=downcast
+                groups,
+                epochs=1,
+                warmup_epochs=0,
+                cooldown_epochs=0,
+                downcast=downcast,
+                merge="staleness",
             )
             strategy.wrap(model, torch.optim.SGD(model.parameters(), lr=0.1))
             state = FlatBuffer(model_state_tensors(model))

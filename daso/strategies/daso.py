@@ -61,10 +61,12 @@ class DASOStrategy(Strategy):
         downcast: wire dtype of the differences from the anchor in cross-node syncs:
             ``"bfloat16"``, ``"float16"`` or ``"float32"``. The model state itself stays
             float32; memory: one float32 anchor of the synced state per rank.
-        merge: ``"staleness"`` (the paper's eq. 1, ``x <- (2W x + N mean) / (2W + N)``) or
-            ``"progress"`` (``x <- mean + (x - x_sent)``: the node's own progress since the
-            send on top of the mean, so nodes do not drift apart between syncs; one more float32
-            copy of the state on the sender while a sync is in flight).
+        merge: ``"progress"`` (default: ``x <- mean + (x - x_sent)``, the node's own progress
+            since the send on top of the mean, so nodes do not drift apart between syncs; one
+            more float32 copy of the state on the sender while a sync is in flight) or
+            ``"staleness"`` (the paper's eq. 1, ``x <- (2W x + N mean) / (2W + N)``, which
+            keeps part of every node's divergence at each sync; see benchmarks/README.md for
+            the runs behind the default).
         outer_optimizer: ``"none"`` (the plain mean, the paper's algorithm) or ``"nesterov"``
             (DiLoCo's outer SGD with Nesterov momentum on the anchor, driven by the
             pseudo-gradient ``anchor - mean``; one more float32 copy of the state per rank).
@@ -91,7 +93,7 @@ class DASOStrategy(Strategy):
         epochs: int,
         *,
         downcast: str = "bfloat16",
-        merge: str = "staleness",
+        merge: str = "progress",
         outer_optimizer: str = "none",
         outer_lr: float = DEFAULT_OUTER_LR,
         outer_momentum: float = DEFAULT_OUTER_MOMENTUM,
