@@ -485,6 +485,17 @@ def daso_on(groups: ProcessGroups, model: torch.nn.Module, **options: Any) -> DA
     return strategy
 
 
+def blocking_daso(
+    groups: ProcessGroups, model: torch.nn.Module, value: float, downcast: str
+) -> DASOStrategy:
+    """``model``'s weight set to ``value`` everywhere, under DASO blocking after every batch."""
+    torch.nn.init.constant_(model.weight, value)
+    strategy = daso_on(groups, model, downcast=downcast)
+    strategy.begin_epoch(0, 1000)
+    strategy.schedule.params = SyncParams(0, 1, 0, "warmup")
+    return strategy
+
+
 def seeded(numel: int, *seed: int) -> torch.Tensor:
     """Reproducible float32 normal values of ``numel`` elements for a tuple of ints."""
     generator = torch.Generator().manual_seed(hash(seed) % (2**31))
@@ -497,16 +508,12 @@ def scenario_anchor(groups: ProcessGroups, params: dict[str, Any]) -> dict[str, 
     rotation of senders with and without the outer optimizer. Values are recorded; the test
     computes the expectations with NumPy."""
     topo = groups.topology
-    blocking = SyncParams(0, 1, 0, "warmup")
     out: dict[str, Any] = {"topology": topology_info(groups)}
 
     drift = {}
     for downcast in ("bfloat16", "float32"):
         model = torch.nn.Linear(8, 8, bias=False)
-        torch.nn.init.constant_(model.weight, 0.05)
-        strategy = daso_on(groups, model, downcast=downcast)
-        strategy.begin_epoch(0, 1000)
-        strategy.schedule.params = blocking
+        strategy = blocking_daso(groups, model, 0.05, downcast)
         for batch in range(100):
             with torch.no_grad():
                 model.weight.add_(5e-5)
@@ -518,10 +525,7 @@ def scenario_anchor(groups: ProcessGroups, params: dict[str, Any]) -> dict[str, 
     large = {}
     for downcast in ("bfloat16", "float32"):
         model = torch.nn.Linear(64, 8, bias=False)
-        torch.nn.init.constant_(model.weight, 1000.0)
-        strategy = daso_on(groups, model, downcast=downcast)
-        strategy.begin_epoch(0, 1000)
-        strategy.schedule.params = blocking
+        strategy = blocking_daso(groups, model, 1000.0, downcast)
         delta = 1e-3 * seeded(model.weight.numel(), 7, topo.node_rank)
         with torch.no_grad():
             model.weight.add_(delta.view_as(model.weight))
