@@ -81,7 +81,7 @@ def strategy_overrides(
     sets = [f"strategy.name={name}"]
     warmup = 1 if epochs < 20 else 4
     if name == "daso":  # blocking warm-up and cool-down, as in the paper, scaled to the run
-        sets += [f"strategy.warmup_epochs={warmup}", f"strategy.cooldown_epochs={warmup}"]
+        sets += [f"strategy.warmup_windows={warmup}", f"strategy.cooldown_windows={warmup}"]
     if name == "local_sgd":  # the same synchronous warm-up as DASO, then average every 4 steps
         sets += ["strategy.period=4", f"strategy.warmup_steps={warmup * batches_per_epoch}"]
     if name in ("easgd", "eamsgd", "async_easgd"):  # the elastic exchange every 4 steps too
@@ -293,8 +293,8 @@ def accuracy_overrides(strategy: str, args: argparse.Namespace, batches: int) ->
     (``--warmup-epochs``, ``--cooldown-epochs``), the same synchronous warm-up for local_sgd."""
     if strategy == "daso":
         return [
-            f"strategy.warmup_epochs={args.warmup_epochs}",
-            f"strategy.cooldown_epochs={args.cooldown_epochs}",
+            f"strategy.warmup_windows={args.warmup_epochs}",
+            f"strategy.cooldown_windows={args.cooldown_epochs}",
         ]
     if strategy == "local_sgd":
         return ["strategy.period=4", f"strategy.warmup_steps={args.warmup_epochs * batches}"]

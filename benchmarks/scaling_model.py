@@ -93,8 +93,8 @@ def measure(args: argparse.Namespace) -> list[dict]:
             ]
             if strategy == "daso":  # steady state: global_skips 4, W 1
                 sets += [
-                    "strategy.warmup_epochs=0",
-                    "strategy.cooldown_epochs=0",
+                    "strategy.warmup_windows=0",
+                    "strategy.cooldown_windows=0",
                     "strategy.patience=100",
                 ]
             print(f"== {strategy} on {nodes} nodes at {args.rate}", flush=True)

@@ -22,23 +22,14 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import Field, ValidationError, create_model, model_validator
 
 from daso.errors import ConfigError
+from daso.options import Section
+from daso.strategies import STRATEGIES
 
 #: Model names known to :func:`daso.models.build_model` (a test keeps the two in step).
 ModelName = Literal["mnist_cnn", "resnet20", "resnet32", "resnet44", "resnet56"]
-WireDtype = Literal["bfloat16", "float16", "float32"]
-
-
-class Section(BaseModel):
-    """A config section: unknown keys are errors; values are checked on assignment too.
-
-    Floats must be finite: ``.nan`` and ``.inf`` are rejected everywhere (an infinite learning
-    rate, timeout or poll interval is never what a run wants).
-    """
-
-    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
 
 class ModelConfig(Section):
@@ -123,159 +114,27 @@ class CheckpointConfig(Section):
     keep: int = Field(2, ge=1, description="Newest checkpoints kept; older ones are deleted.")
 
 
-class DDPConfig(Section):
-    name: Literal["ddp"] = Field("ddp", description="Gradient allreduce over all ranks.")
-
-
-class HierarchicalConfig(Section):
-    name: Literal["hierarchical"] = Field(
-        "hierarchical", description="Node reduce, sharded cross-node allreduce, node allgather."
-    )
-    wire_dtype: WireDtype = Field("float32", description="Wire dtype of gradient shards.")
-
-
-class OuterOptimizerOptions(Section):
-    """The outer optimizer of the strategies that average the model across nodes."""
-
-    outer_optimizer: Literal["none", "nesterov"] = Field(
-        "none",
-        description="Outer step on each cross-node average: none (plain mean) or nesterov "
-        "(DiLoCo: SGD with Nesterov momentum on the pseudo-gradient anchor - mean).",
-    )
-    outer_lr: float = Field(0.7, gt=0, description="Outer learning rate (DiLoCo: 0.7).")
-    outer_momentum: float = Field(
-        0.9, ge=0, lt=1, description="Outer Nesterov momentum (DiLoCo: 0.9)."
+def _strategy_section(name: str, cls: type) -> type[Section]:
+    """The ``strategy`` config section of strategy ``name``: its options model plus ``name``
+    (the discriminator), e.g. ``DASOConfig``."""
+    title = cls.__name__.removesuffix("Strategy")
+    return create_model(
+        f"{title}Config",
+        __base__=cls.Options,
+        __module__=__name__,
+        name=(Literal[name], Field(name, description=cls.summary)),
     )
 
 
-class LocalSGDConfig(OuterOptimizerOptions):
-    name: Literal["local_sgd"] = Field(
-        "local_sgd", description="Post-local SGD (Lin et al. 2020), hierarchical."
-    )
-    period: int = Field(4, ge=1, description="Steps between blocking cross-node averages.")
-    warmup_steps: int = Field(0, ge=0, description="First steps that average every step.")
-    wire_dtype: WireDtype = Field(
-        "float32", description="Wire dtype of the model average (differences from the anchor)."
-    )
-
-
-class HorovodConfig(Section):
-    name: Literal["horovod"] = Field(
-        "horovod", description="horovod.torch.DistributedOptimizer (make horovod first)."
-    )
-    hierarchical_allreduce: bool = Field(
-        False, description="HOROVOD_HIERARCHICAL_ALLREDUCE: reduce inside nodes first."
-    )
-
-
-class NoCommConfig(Section):
-    name: Literal["no_comm"] = Field(
-        "no_comm", description="No communication (benchmark bound; ranks diverge)."
-    )
-
-
-class EASGDConfig(Section):
-    name: Literal["easgd"] = Field("easgd", description="Synchronous EASGD (Zhang et al. 2015).")
-    period: int = Field(1, ge=1, description="tau: steps between elastic exchanges.")
-    moving_rate: float | None = Field(
-        None, gt=0, lt=1, description="alpha; empty = 0.9 / number of nodes (beta = 0.9)."
-    )
-    center_resync_period: int = Field(
-        100, ge=1, description="Elastic steps between center re-broadcasts (float drift)."
-    )
-    evaluate: Literal["center", "worker"] = Field(
-        "center", description="Validate the center x~ or this worker's x^i."
-    )
-    wire_dtype: WireDtype = Field("float32", description="Wire dtype of elastic differences.")
-
-
-class EAMSGDConfig(EASGDConfig):
-    name: Literal["eamsgd"] = Field("eamsgd", description="EASGD with Nesterov momentum.")
-    momentum: float = Field(0.99, ge=0, lt=1, description="delta: Nesterov momentum.")
-
-
-class DownpourConfig(Section):
-    name: Literal["downpour"] = Field(
-        "downpour",
-        description="DOWNPOUR (Dean et al. 2012): push accumulated updates to sharded "
-        "parameter servers, pull the center.",
-    )
-    period: int = Field(1, ge=1, description="tau: a node's steps between its exchanges.")
-    evaluate: Literal["center", "worker"] = Field(
-        "center", description="Validate the center x~ or this worker's x^i."
-    )
-
-
-class AsyncEASGDConfig(DownpourConfig):
-    name: Literal["async_easgd"] = Field(
-        "async_easgd",
-        description="Asynchronous EASGD (Zhang et al. 2015, Algorithm 1): center on sharded "
-        "parameter servers, one per node.",
-    )
-    moving_rate: float | None = Field(
-        None, gt=0, lt=1, description="alpha; empty = 0.9 / number of nodes (beta = 0.9)."
-    )
-    momentum: float | None = Field(
-        None, ge=0, lt=1, description="delta: Nesterov momentum (async EAMSGD); empty = optim's."
-    )
-
-
-class DASOConfig(OuterOptimizerOptions):
-    name: Literal["daso"] = Field("daso", description="DASO (Coquelin et al. 2022).")
-    warmup_epochs: int = Field(4, ge=0, description="Blocking epochs at the start.")
-    cooldown_epochs: int = Field(4, ge=0, description="Blocking epochs at the end.")
-    stability_level: float = Field(
-        0.05, ge=0, lt=1, description="Relative loss improvement below which an epoch stalls."
-    )
-    patience: int = Field(2, ge=0, description="Stalled epochs before a plateau.")
-    max_global_skips: int = Field(
-        8, ge=1, description="Largest global_skips; cycling starts at half."
-    )
-    skip_reduction_factor: int = Field(2, ge=2, description="Skips divided by this per plateau.")
-    local_skip_factor: int = Field(
-        4, ge=1, description="After a reset, local_skips = batches_to_wait = max / this."
-    )
-    downcast: WireDtype = Field(
-        "bfloat16", description="Wire dtype of cross-node syncs (differences from the anchor)."
-    )
-    merge: Literal["staleness", "progress"] = Field(
-        "progress",
-        description="Merge of an arrived sync: progress (mean + own progress since the send) "
-        "or staleness ((2W x + N mean) / (2W + N), the paper's eq. 1).",
-    )
-    sync_optimizer_state: bool = Field(
-        True, description="Average optimizer state across nodes at each epoch end."
-    )
-    poll_interval_seconds: float = Field(
-        0.0, ge=0, description="0: MPI's blocking progress; >0: MPI_Test then sleep this long."
-    )
-
-
+#: The ``strategy`` section of each registered strategy, by name (built from the registry).
+STRATEGY_SECTIONS: dict[str, type[Section]] = {
+    name: _strategy_section(name, cls) for name, cls in STRATEGIES.items()
+}
+DASOConfig = STRATEGY_SECTIONS["daso"]
 StrategyConfig = Annotated[
-    DASOConfig
-    | DDPConfig
-    | HierarchicalConfig
-    | LocalSGDConfig
-    | HorovodConfig
-    | NoCommConfig
-    | EASGDConfig
-    | EAMSGDConfig
-    | AsyncEASGDConfig
-    | DownpourConfig,
+    Union[tuple(STRATEGY_SECTIONS.values())],  # noqa: UP007 - a union built at run time
     Field(discriminator="name"),
 ]
-STRATEGY_SECTIONS: dict[str, type[Section]] = {
-    "daso": DASOConfig,
-    "ddp": DDPConfig,
-    "hierarchical": HierarchicalConfig,
-    "local_sgd": LocalSGDConfig,
-    "horovod": HorovodConfig,
-    "no_comm": NoCommConfig,
-    "easgd": EASGDConfig,
-    "eamsgd": EAMSGDConfig,
-    "async_easgd": AsyncEASGDConfig,
-    "downpour": DownpourConfig,
-}
 
 
 class Config(Section):
@@ -298,13 +157,15 @@ class Config(Section):
     @model_validator(mode="after")
     def _consistent(self) -> Config:
         strategy = self.strategy
-        if isinstance(strategy, DASOConfig):
-            total = strategy.warmup_epochs + strategy.cooldown_epochs
+        if isinstance(strategy, DASOConfig) and strategy.window_steps is None:
+            total = strategy.warmup_windows + strategy.cooldown_windows
             if total > self.trainer.epochs:
                 raise ValueError(
-                    f"strategy.warmup_epochs ({strategy.warmup_epochs}) + "
-                    f"strategy.cooldown_epochs ({strategy.cooldown_epochs}) = {total} exceeds "
-                    f"trainer.epochs ({self.trainer.epochs}); lower them or train longer"
+                    f"strategy.warmup_windows ({strategy.warmup_windows}) + "
+                    f"strategy.cooldown_windows ({strategy.cooldown_windows}) = {total} exceeds "
+                    f"trainer.epochs ({self.trainer.epochs}) (a window is an epoch unless "
+                    "strategy.window_steps is set); lower them, train longer, or set "
+                    "strategy.window_steps"
                 )
         if self.data.name != "mnist" and not self.data.root:
             raise ValueError(

@@ -1,7 +1,7 @@
 """When to synchronise: the DASO schedule and its plateau detector.
 
-Pure bookkeeping, no communication: given the epoch and the globally averaged loss of the
-epoch before, it decides the three knobs of DASO (Coquelin et al., J. Big Data 9:14, 2022,
+Pure bookkeeping, no communication: given the window and the globally averaged loss of the
+window before, it decides the three knobs of DASO (Coquelin et al., J. Big Data 9:14, 2022,
 section 3.3, "Selective synchronisation"):
 
 * ``global_skips`` S: a cross-node sync starts on every S-th batch (S = 0: blocking sync on
@@ -10,7 +10,11 @@ section 3.3, "Selective synchronisation"):
   batch), and on every batch that starts a cross-node sync;
 * ``batches_to_wait`` W: a non-blocking cross-node sync is merged W batches after it started.
 
-Phases: the first ``warmup_epochs`` and the last ``cooldown_epochs`` are blocking (S = W = 0,
+The unit of the schedule is a *window* of ``window_steps`` optimizer steps (by default one
+epoch, as in the paper): the knobs change only between windows, and each window's mean loss
+feeds the plateau detector.
+
+Phases: the first ``warmup_windows`` and the last ``cooldown_windows`` are blocking (S = W = 0,
 local sync every batch). Cycling starts at ``S = max_global_skips // 2``, ``local_skips = 1``,
 ``W = 1``; each loss plateau divides S and local skips by ``skip_reduction_factor`` and lowers
 W by one (never below 1); a plateau at S = 1 resets to ``S = max_global_skips`` and
@@ -31,7 +35,7 @@ WARMUP, CYCLING, COOLDOWN = "warmup", "cycling", "cooldown"
 
 @dataclasses.dataclass(frozen=True)
 class SyncParams:
-    """The schedule's knobs for one epoch.
+    """The schedule's knobs for one window.
 
     Attributes:
         global_skips: S, batches between cross-node sync starts (0 = blocking every batch).
@@ -51,7 +55,7 @@ class SyncParams:
         return self.global_skips == 0
 
     def is_send_batch(self, batch: int) -> bool:
-        """Whether batch ``batch`` (0-based in its epoch) starts a non-blocking cross-node sync."""
+        """Whether step ``batch`` (0-based in its window) starts a non-blocking cross-node sync."""
         return not self.blocking and batch % self.global_skips == 0
 
     def is_local_sync_batch(self, batch: int) -> bool:
@@ -66,75 +70,75 @@ class PlateauDetector:
     """Detects a loss plateau the way ``torch.optim.lr_scheduler.ReduceLROnPlateau`` does.
 
     Mode "min" with a threshold relative to the best loss's magnitude, as the reference's
-    ``DetectMetricPlateau``: an epoch improves when ``loss < best - threshold * |best|``
+    ``DetectMetricPlateau``: a window improves when ``loss < best - threshold * |best|``
     (``ReduceLROnPlateau``'s ``best * (1 - threshold)`` would demand a *rise* of a negative
-    loss); a plateau is reported when more than ``patience`` epochs in a row did not improve,
+    loss); a plateau is reported when more than ``patience`` windows in a row did not improve,
     and the count starts again.
 
     Args:
         threshold: relative improvement that counts (DASO's ``stability_level``), in [0, 1).
-        patience: epochs without improvement tolerated before a plateau, >= 0.
+        patience: windows without improvement tolerated before a plateau, >= 0.
     """
 
     def __init__(self, threshold: float = 0.05, patience: int = 2) -> None:
         self.threshold = threshold
         self.patience = patience
         self.best = math.inf
-        self.num_bad_epochs = 0
+        self.num_bad_windows = 0
 
     def step(self, loss: float) -> bool:
-        """Record one epoch's loss; return True if this completes a plateau."""
+        """Record one window's loss; return True if this completes a plateau."""
         if self.best == math.inf or loss < self.best - self.threshold * abs(self.best):
             self.best = loss
-            self.num_bad_epochs = 0
+            self.num_bad_windows = 0
             return False
-        self.num_bad_epochs += 1
-        if self.num_bad_epochs > self.patience:
-            self.num_bad_epochs = 0
+        self.num_bad_windows += 1
+        if self.num_bad_windows > self.patience:
+            self.num_bad_windows = 0
             return True
         return False
 
     def state_dict(self) -> dict[str, Any]:
-        """Everything needed to resume: best loss and the bad-epoch count."""
-        return {"best": self.best, "num_bad_epochs": self.num_bad_epochs}
+        """Everything needed to resume: best loss and the bad-window count."""
+        return {"best": self.best, "num_bad_windows": self.num_bad_windows}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore from :meth:`state_dict`."""
         self.best = float(state["best"])
-        self.num_bad_epochs = int(state["num_bad_epochs"])
+        self.num_bad_windows = int(state.get("num_bad_windows", state.get("num_bad_epochs", 0)))
 
 
 class DASOSchedule:
-    """The DASO controller: sync parameters per epoch, adapted from the epoch losses.
+    """The DASO controller: sync parameters per window, adapted from the window losses.
 
     Args:
-        epochs: total epochs of the run (cool-down is the last ``cooldown_epochs`` of them).
-        warmup_epochs: blocking epochs at the start (0 = start cycling at once).
-        cooldown_epochs: blocking epochs at the end.
-        stability_level: relative loss improvement below which an epoch counts as no progress.
-        patience: epochs without progress tolerated before a plateau.
+        windows: total windows of the run (cool-down is the last ``cooldown_windows`` of them).
+        warmup_windows: blocking windows at the start (0 = start cycling at once).
+        cooldown_windows: blocking windows at the end.
+        stability_level: relative loss improvement below which a window counts as no progress.
+        patience: windows without progress tolerated before a plateau.
         max_global_skips: largest S; cycling starts at ``max_global_skips // 2``.
         skip_reduction_factor: S and local skips are divided by it on a plateau.
         local_skip_factor: after a reset,
             ``local_skips = W = max_global_skips // local_skip_factor``.
 
-    The plateau detector is fed from the last warm-up epoch on: that epoch's loss is the first
+    The plateau detector is fed from the last warm-up window on: that window's loss is the first
     ``best`` the cycling phase is measured against; earlier warm-up losses never reach it.
 
     Raises:
-        ConfigError: an out-of-range value or ``warmup_epochs + cooldown_epochs > epochs``.
+        ConfigError: an out-of-range value or ``warmup_windows + cooldown_windows > windows``.
 
     Example:
-        >>> s = DASOSchedule(epochs=6, warmup_epochs=1, cooldown_epochs=1)
-        >>> s.params.global_skips, s.end_epoch(2.0).global_skips
+        >>> s = DASOSchedule(windows=6, warmup_windows=1, cooldown_windows=1)
+        >>> s.params.global_skips, s.end_window(2.0).global_skips
         (0, 4)
     """
 
     def __init__(
         self,
-        epochs: int,
-        warmup_epochs: int = 4,
-        cooldown_epochs: int = 4,
+        windows: int,
+        warmup_windows: int = 4,
+        cooldown_windows: int = 4,
         stability_level: float = 0.05,
         patience: int = 2,
         max_global_skips: int = 8,
@@ -142,13 +146,14 @@ class DASOSchedule:
         local_skip_factor: int = 4,
     ) -> None:
         checks = [
-            (epochs >= 1, f"epochs must be >= 1, got {epochs}"),
-            (warmup_epochs >= 0, f"warmup_epochs must be >= 0, got {warmup_epochs}"),
-            (cooldown_epochs >= 0, f"cooldown_epochs must be >= 0, got {cooldown_epochs}"),
+            (windows >= 1, f"windows must be >= 1, got {windows}"),
+            (warmup_windows >= 0, f"warmup_windows must be >= 0, got {warmup_windows}"),
+            (cooldown_windows >= 0, f"cooldown_windows must be >= 0, got {cooldown_windows}"),
             (
-                warmup_epochs + cooldown_epochs <= epochs,
-                f"warmup_epochs ({warmup_epochs}) + cooldown_epochs ({cooldown_epochs}) exceeds "
-                f"epochs ({epochs}); lower them or train longer",
+                warmup_windows + cooldown_windows <= windows,
+                f"warmup_windows ({warmup_windows}) + cooldown_windows ({cooldown_windows}) "
+                f"exceeds the run's {windows} windows; lower them, train longer, or set a smaller "
+                "strategy.window_steps",
             ),
             (0 <= stability_level < 1, f"stability_level must be in [0, 1), got {stability_level}"),
             (patience >= 0, f"patience must be >= 0, got {patience}"),
@@ -162,21 +167,21 @@ class DASOSchedule:
         for ok, message in checks:
             if not ok:
                 raise ConfigError(f"DASO schedule: {message}")
-        self.epochs = epochs
-        self.warmup_epochs = warmup_epochs
-        self.cooldown_epochs = cooldown_epochs
+        self.windows = windows
+        self.warmup_windows = warmup_windows
+        self.cooldown_windows = cooldown_windows
         self.max_global_skips = max_global_skips
         self.skip_reduction_factor = skip_reduction_factor
         self.local_skip_factor = local_skip_factor
         self.detector = PlateauDetector(stability_level, patience)
-        self.epoch = 0
+        self.window = 0
         self.params = self._entry_params(self.phase(0))
 
-    def phase(self, epoch: int) -> str:
-        """Phase of epoch ``epoch`` (0-based)."""
-        if epoch < self.warmup_epochs:
+    def phase(self, window: int) -> str:
+        """Phase of window ``window`` (0-based)."""
+        if window < self.warmup_windows:
             return WARMUP
-        if epoch >= self.epochs - self.cooldown_epochs:
+        if window >= self.windows - self.cooldown_windows:
             return COOLDOWN
         return CYCLING
 
@@ -193,25 +198,25 @@ class DASOSchedule:
         reset = max(1, self.max_global_skips // self.local_skip_factor)
         return SyncParams(self.max_global_skips, reset, min(reset, self.max_global_skips), CYCLING)
 
-    def end_epoch(self, loss: float) -> SyncParams:
-        """Feed the loss of the epoch just finished (averaged over all ranks); advance one epoch.
+    def end_window(self, loss: float) -> SyncParams:
+        """Feed the loss of the window just finished (averaged over all ranks); advance one window.
 
         Args:
-            loss: the epoch's mean training loss over all ranks.
+            loss: the window's mean training loss over all ranks.
 
         Returns:
-            The :class:`SyncParams` of the next epoch (also in :attr:`params`).
+            The :class:`SyncParams` of the next window (also in :attr:`params`).
         """
-        # the detector sees the last warm-up epoch and every epoch after it (the reference's
+        # the detector sees the last warm-up window and every window after it (the reference's
         # choice): earlier warm-up losses, from the blocking regime, never set its best
-        feed = self.epoch >= self.warmup_epochs - 1
+        feed = self.window >= self.warmup_windows - 1
         plateau = self.detector.step(float(loss)) if feed else False
         previous = self.params.phase
-        self.epoch += 1
-        phase = self.phase(self.epoch)
+        self.window += 1
+        phase = self.phase(self.window)
         if phase != CYCLING or previous != CYCLING:
             if phase == CYCLING:
-                self.detector.num_bad_epochs = 0
+                self.detector.num_bad_windows = 0
             self.params = self._entry_params(phase)
         elif plateau:
             self.params = self._after_plateau(self.params)
@@ -220,13 +225,13 @@ class DASOSchedule:
     def state_dict(self) -> dict[str, Any]:
         """Epoch counter, current knobs and the plateau detector's state."""
         return {
-            "epoch": self.epoch,
+            "window": self.window,
             "params": dataclasses.asdict(self.params),
             "detector": self.detector.state_dict(),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore from :meth:`state_dict`; the schedule then continues identically."""
-        self.epoch = int(state["epoch"])
+        self.window = int(state.get("window", state.get("epoch", 0)))
         self.params = SyncParams(**state["params"])
         self.detector.load_state_dict(state["detector"])

@@ -175,7 +175,8 @@ class Trainer(Checkpointing):
             config.strategy.name,
             self.groups,
             tcfg.epochs,
-            {**config.strategy_options(), "timeout_seconds": tcfg.timeout_seconds},
+            config.strategy_options(),
+            timeout_seconds=tcfg.timeout_seconds,
         )
         if tcfg.deterministic:
             torch.use_deterministic_algorithms(True, warn_only=True)
@@ -390,7 +391,7 @@ class Trainer(Checkpointing):
         loader.sampler.set_epoch(epoch, start=self.batch * batch_size)
         self.model.train()
         num_batches = self._num_batches(loader)
-        self.strategy.begin_epoch(epoch, num_batches)
+        self.strategy.begin_window(epoch, num_batches)
         batches = iter(loader)  # draws the loader's base seed: before the RNG is restored
         if self._resumed_rng is not None:
             ckpt.restore_rng_state(self._resumed_rng)
@@ -468,7 +469,7 @@ class Trainer(Checkpointing):
 
     def _take_partial_metrics(self) -> dict[str, Any]:
         """Fold the strategy's counters so far into :attr:`partial` (they reset on read)."""
-        metrics = self.strategy.epoch_metrics()
+        metrics = self.strategy.window_metrics()
         self.partial["cross_node_bytes"] += metrics["cross_node_bytes"]
         self.partial["comm_wait_seconds"] += metrics["comm_wait_seconds"]
         return metrics
@@ -493,7 +494,7 @@ class Trainer(Checkpointing):
         metrics["comm_wait_seconds"] = totals[3] / self.topology.world_size
         metrics["skipped_steps"] = int(totals[4])
         self.partial = _empty_partial()
-        self.strategy.end_epoch(epoch, train_loss)
+        self.strategy.end_window(epoch, train_loss)
         return train_loss, metrics
 
     def _evaluate(self, loader: DataLoader) -> tuple[float, float]:

@@ -99,6 +99,20 @@ def train_args(config: str | Path, output_dir: Path, *overrides: str) -> list[st
     ]
 
 
+#: Epochs and accuracy bound of the multi-process MNIST tests (8,000 real MNIST images).
+MNIST_EPOCHS = 3
+MNIST_ACCURACY_BOUND = 0.95
+
+
+def train_cli(tmp_path: Path, config: str, n: int, layout: str | None, *overrides: str) -> list:
+    """Run ``daso train`` on ``n`` ranks (``layout`` ranks per node) and return its metric
+    rows; fails the test on a non-zero exit."""
+    out = tmp_path / "run"
+    result = run_command(train_args(config, out, *overrides), n, layout, timeout=300)
+    assert result.returncode == 0, result.stdout + result.stderr
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
 def run_ranks(
     scenario: str,
     n: int,

@@ -60,8 +60,8 @@ def scenario_merge(groups: ProcessGroups, params: dict[str, Any]) -> dict[str, A
             strategy = DASOStrategy(
                 groups,
                 epochs=1,
-                warmup_epochs=0,
-                cooldown_epochs=0,
+                warmup_windows=0,
+                cooldown_windows=0,
                 downcast=downcast,
                 merge="staleness",
             )
@@ -75,7 +75,7 @@ def scenario_merge(groups: ProcessGroups, params: dict[str, Any]) -> dict[str, A
                 return values.clone()
 
             sent = fill(100 * (w + 1) + node)
-            strategy.begin_epoch(0, 10)
+            strategy.begin_window(0, 10)
             if w == 0:
                 strategy.schedule.params = SyncParams(0, 1, 0, "warmup")
                 strategy.after_step(0)
@@ -117,8 +117,8 @@ def scenario_consistency(groups: ProcessGroups, params: dict[str, Any]) -> dict[
             "data.batch_size=16",
             "data.train_subset=1024",
             "data.val_size=256",
-            "strategy.warmup_epochs=0",
-            "strategy.cooldown_epochs=1",
+            "strategy.warmup_windows=0",
+            "strategy.cooldown_windows=1",
             "strategy.max_global_skips=8",
             "strategy.patience=0",
             "strategy.stability_level=0.99",
@@ -132,14 +132,14 @@ def scenario_consistency(groups: ProcessGroups, params: dict[str, Any]) -> dict[
     strategy = trainer.strategy
     batches: list[dict[str, Any]] = []
     epochs: list[str] = []
-    after_step, end_epoch = strategy.after_step, strategy.end_epoch
+    after_step, end_window = strategy.after_step, strategy.end_window
 
     def record_batch(batch: int) -> None:
         p = strategy.schedule.params
         after_step(batch)
         batches.append(
             {
-                "epoch": strategy.schedule.epoch,
+                "epoch": strategy.schedule.window,
                 "batch": batch,
                 "local_skips": p.local_skips,
                 "global_skips": p.global_skips,
@@ -150,9 +150,9 @@ def scenario_consistency(groups: ProcessGroups, params: dict[str, Any]) -> dict[
 
     def record_epoch(epoch: int, loss: float) -> None:
         epochs.append(digest(model_state_tensors(model) + optimizer_state_tensors(optimizer)))
-        end_epoch(epoch, loss)
+        end_window(epoch, loss)
 
-    strategy.after_step, strategy.end_epoch = record_batch, record_epoch
+    strategy.after_step, strategy.end_window = record_batch, record_epoch
     history = trainer.fit(train_set, val_set)
     trainer.close()
     return {
@@ -209,8 +209,8 @@ def scenario_trainer_features(groups: ProcessGroups, params: dict[str, Any]) -> 
             "data.batch_size=32",
             "data.train_subset=1024",
             "data.val_size=500",
-            "strategy.warmup_epochs=1",
-            "strategy.cooldown_epochs=1",
+            "strategy.warmup_windows=1",
+            "strategy.cooldown_windows=1",
             "strategy.downcast=float16",
         ],
     )
@@ -266,7 +266,7 @@ def scenario_equivalence(groups: ProcessGroups, params: dict[str, Any]) -> dict[
         optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
         strategy = build_strategy(name, groups, epochs=1, options=options)
         wrapped = strategy.wrap(model, optimizer)
-        strategy.begin_epoch(0, len(batches) + 1)  # no epoch end inside the run
+        strategy.begin_window(0, len(batches) + 1)  # no epoch end inside the run
         trace, before_sync, pre_step, centers = [], [], [], []
         numel = sum(p.numel() for p in model.parameters())
 
@@ -291,7 +291,7 @@ def scenario_equivalence(groups: ProcessGroups, params: dict[str, Any]) -> dict[
             "before_sync": before_sync,
             "pre_step": pre_step,
             "centers": centers,
-            "metrics": strategy.epoch_metrics(),
+            "metrics": strategy.window_metrics(),
             "numel": sum(p.numel() for p in model.parameters()),
             "state_numel": sum(t.numel() for t in model_state_tensors(model)),
         }
@@ -312,7 +312,7 @@ def center_strategies(groups: ProcessGroups, params: dict[str, Any]) -> Iterator
         strategy = build_strategy(name, groups, epochs=1, options=options)
         wrapped = strategy.wrap(model, torch.optim.SGD(model.parameters(), lr=0.1))
         state = FlatBuffer(model_state_tensors(model))
-        strategy.begin_epoch(0, 10**9)
+        strategy.begin_window(0, 10**9)
 
         def step(batch: int, strategy=strategy, wrapped=wrapped, state=state) -> tuple:
             inputs = torch.randn(6, 8, generator=data)
@@ -480,7 +480,7 @@ def scenario_resume_disagreement(groups: ProcessGroups, params: dict[str, Any]) 
 
 def daso_on(groups: ProcessGroups, model: torch.nn.Module, **options: Any) -> DASOStrategy:
     """A DASO strategy wrapped around ``model`` (plain SGD), no warm-up or cool-down."""
-    strategy = DASOStrategy(groups, epochs=1, warmup_epochs=0, cooldown_epochs=0, **options)
+    strategy = DASOStrategy(groups, epochs=1, warmup_windows=0, cooldown_windows=0, **options)
     strategy.wrap(model, torch.optim.SGD(model.parameters(), lr=0.1))
     return strategy
 
@@ -491,7 +491,7 @@ def blocking_daso(
     """``model``'s weight set to ``value`` everywhere, under DASO blocking after every batch."""
     torch.nn.init.constant_(model.weight, value)
     strategy = daso_on(groups, model, downcast=downcast)
-    strategy.begin_epoch(0, 1000)
+    strategy.begin_window(0, 1000)
     strategy.schedule.params = SyncParams(0, 1, 0, "warmup")
     return strategy
 
@@ -538,7 +538,7 @@ def scenario_anchor(groups: ProcessGroups, params: dict[str, Any]) -> dict[str, 
     model = tiny_model()
     strategy = daso_on(groups, model, downcast="float32", sync_optimizer_state=False)
     state = FlatBuffer(model_state_tensors(model))
-    strategy.begin_epoch(0, 4)
+    strategy.begin_window(0, 4)
     strategy.schedule.params = SyncParams(8, 8, 1, "cycling")
     strategy.sync_context(1)  # a batch without node-local sync: the node's ranks may differ
     mine = seeded(state.numel, 11, topo.rank)
@@ -567,7 +567,7 @@ def scenario_anchor(groups: ProcessGroups, params: dict[str, Any]) -> dict[str, 
         )
         state = FlatBuffer(model_state_tensors(model))
         anchor = strategy.averager.anchor.clone()
-        strategy.begin_epoch(0, 100)
+        strategy.begin_window(0, 100)
         strategy.schedule.params = SyncParams(2, 1, 1, "cycling")
         sends = []
         for i in range(4):
@@ -615,11 +615,11 @@ def scenario_finetune(groups: ProcessGroups, params: dict[str, Any]) -> dict[str
             model.weight.copy_(trained)
         optimizer = torch.optim.SGD(model.parameters(), lr=float(params.get("lr", 2e-3)))
         strategy = DASOStrategy(
-            groups, epochs=1, warmup_epochs=1, cooldown_epochs=0, downcast=downcast
+            groups, epochs=1, warmup_windows=1, cooldown_windows=0, downcast=downcast
         )
         wrapped = strategy.wrap(model, optimizer)
         steps = int(params.get("steps", 60))
-        strategy.begin_epoch(0, steps + 1)
+        strategy.begin_window(0, steps + 1)
         losses, updates = [], []
         for batch in range(steps):
             optimizer.zero_grad()
@@ -660,7 +660,7 @@ def scenario_eamsgd(groups: ProcessGroups, params: dict[str, Any]) -> dict[str, 
     wrapped = strategy.wrap(model, optimizer)
     initial = model.weight.detach().clone()
     params_after, centers = [], []
-    strategy.begin_epoch(0, 6)
+    strategy.begin_window(0, 6)
     for batch in range(6):
         optimizer.zero_grad()
         with strategy.sync_context(batch):

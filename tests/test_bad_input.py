@@ -105,7 +105,7 @@ def test_non_finite_floats_are_rejected(override, key):
 def test_warmup_plus_cooldown_over_epochs_has_no_top_level_prefix():
     with pytest.raises(ConfigError) as err:
         load_config(None, ["trainer.epochs=5"])
-    assert str(err.value).startswith("<defaults>: strategy.warmup_epochs (4)"), str(err.value)
+    assert str(err.value).startswith("<defaults>: strategy.warmup_windows (4)"), str(err.value)
 
 
 @pytest.mark.parametrize(
@@ -251,7 +251,7 @@ def _assert_nothing_written(tmp_path: Path, output: Path) -> None:
         ("strategy:\n  name: ddp\n  period: 4\n", [], "unknown key 'strategy.period'"),
         ("trainer:\n  epochs: many\n", [], "trainer.epochs: Input should be a valid integer"),
         ("data:\n  batch_size: 0\n", [], "data.batch_size: Input should be greater than"),
-        ("trainer:\n  epochs: 5\n", [], "strategy.warmup_epochs (4) + strategy.cooldown"),
+        ("trainer:\n  epochs: 5\n", [], "strategy.warmup_windows (4) + strategy.cooldown"),
         ("model: 5\n", [], "model: must be a section"),
         ("trainer: 5\n", [], "'trainer' is a value (5), not a section, so it has no key"),
         ("{}\n", ["a..b=1"], "expected dotted.key=value"),

@@ -17,7 +17,7 @@ STRATEGIES = [
     ("local_sgd_1", "local_sgd", {"period": 1}),
     ("local_sgd_4", "local_sgd", {"period": 4}),
     ("local_sgd_warm", "local_sgd", {"period": 4, "warmup_steps": 2}),
-    ("daso", "daso", {"warmup_epochs": 0, "cooldown_epochs": 0, "max_global_skips": 8}),
+    ("daso", "daso", {"warmup_windows": 0, "cooldown_windows": 0, "max_global_skips": 8}),
 ]
 STEPS = 8
 

@@ -31,8 +31,8 @@ def test_every_shipped_config_validates(path):
 def test_defaults_are_the_reference_values():
     daso = load_config(None).strategy
     assert (
-        daso.warmup_epochs,
-        daso.cooldown_epochs,
+        daso.warmup_windows,
+        daso.cooldown_windows,
         daso.stability_level,
         daso.patience,
         daso.max_global_skips,
@@ -96,7 +96,9 @@ def test_malformed_yaml_gives_line_and_column(tmp_path):
 
 
 def test_inconsistent_warmup_and_cooldown(tmp_path):
-    with pytest.raises(ConfigError, match=r"warmup_epochs \(4\) \+ strategy.cooldown_epochs \(4\)"):
+    with pytest.raises(
+        ConfigError, match=r"warmup_windows \(4\) \+ strategy.cooldown_windows \(4\)"
+    ):
         load_config(write(tmp_path, "trainer:\n  epochs: 5\n"))
 
 
@@ -126,15 +128,26 @@ def test_schema_model_names_match_the_model_registry():
     assert set(typing.get_args(ModelName)) == set(MODEL_NAMES)
 
 
-def test_daso_section_keys_are_the_strategy_arguments():
+def test_daso_schedule_options_are_the_schedule_arguments():
     from daso.schedule import DASOSchedule
-    from daso.strategies import DASOStrategy
 
-    params = set(inspect.signature(DASOStrategy).parameters) | set(
-        inspect.signature(DASOSchedule).parameters
-    )
-    params -= {"groups", "epochs", "timeout_seconds", "schedule_options"}
-    assert params == set(DASOConfig.model_fields) - {"name"}
+    params = set(inspect.signature(DASOSchedule).parameters) - {"windows"}
+    assert set(DASOConfig().schedule_options()) == params
+
+
+def test_strategy_sections_are_the_registry():
+    """Each registered strategy has a ``strategy`` section: its own options plus ``name``,
+    with the same defaults (nothing restated in the config layer)."""
+    from daso.strategies import STRATEGIES
+
+    assert list(STRATEGY_SECTIONS) == list(STRATEGIES)
+    for name, cls in STRATEGIES.items():
+        section = STRATEGY_SECTIONS[name]
+        assert issubclass(section, cls.Options)
+        assert set(section.model_fields) == set(cls.Options.model_fields) | {"name"}
+        assert section().model_dump(exclude={"name"}) == cls.Options().model_dump()
+        assert load_config(None, [f"strategy.name={name}"]).strategy.name == name
+        assert cls.summary, name
 
 
 def test_readme_config_reference_matches_schema():

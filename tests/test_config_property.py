@@ -104,7 +104,7 @@ def _load(text: str, sets: list[str]) -> Config | None:
 def _assert_valid(config: Config) -> None:
     assert isinstance(config, Config)
     if isinstance(config.strategy, DASOConfig):
-        assert config.strategy.warmup_epochs + config.strategy.cooldown_epochs <= (
+        assert config.strategy.warmup_windows + config.strategy.cooldown_windows <= (
             config.trainer.epochs
         )
     assert config.trainer.output_dir

@@ -6,13 +6,16 @@ non-blocking sync progresses while the caller computes, and accuracy on real MNI
 
 from __future__ import annotations
 
-import json
-
 import numpy as np
 import pytest
 import torch
 
-from mpi_harness import run_command, run_ranks, train_args
+from mpi_harness import (
+    MNIST_ACCURACY_BOUND,
+    MNIST_EPOCHS,
+    run_ranks,
+    train_cli,
+)
 
 pytestmark = pytest.mark.multiprocess
 
@@ -101,41 +104,38 @@ def test_nonblocking_sync_progresses_while_computing(tmp_path):
             assert case["sum"] == 3.0 and case["all_equal"], case
 
 
-def train_cli(tmp_path, config, n, layout, *overrides):
-    out = tmp_path / "run"
-    result = run_command(train_args(config, out, *overrides), n, layout, timeout=300)
-    assert result.returncode == 0, result.stdout + result.stderr
-    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-
-
-#: Accuracy bound of the multi-process MNIST tests (4 epochs on 8,000 real MNIST images).
-MNIST_ACCURACY_BOUND = 0.95
-
-
 @pytest.mark.parametrize(
     "config",
     [
         "mnist_cnn_daso.yaml",
         "mnist_cnn_daso.yaml+nesterov",
-        "mnist_cnn_ddp.yaml",
         "mnist_cnn_hierarchical.yaml",
         "mnist_cnn_local_sgd.yaml",
     ],
 )
 def test_trains_real_mnist_2_nodes_x_2_ranks(tmp_path, config):
-    overrides = ["trainer.epochs=4"]
+    overrides = [f"trainer.epochs={MNIST_EPOCHS}"]
     if config.endswith("+nesterov"):  # DiLoCo's outer step on the cycling syncs
         config = config.removesuffix("+nesterov")
         overrides.append("strategy.outer_optimizer=nesterov")
     if "daso" in config:
-        overrides += ["strategy.warmup_epochs=1", "strategy.cooldown_epochs=1"]
+        overrides += ["strategy.warmup_windows=1", "strategy.cooldown_windows=1"]
     rows = train_cli(tmp_path, config, 4, "2", *overrides)
-    assert [r["epoch"] for r in rows] == [0, 1, 2, 3]
+    assert [r["epoch"] for r in rows] == list(range(MNIST_EPOCHS))
     assert rows[-1]["val_accuracy"] >= MNIST_ACCURACY_BOUND, rows[-1]
     assert rows[-1]["train_loss"] < rows[0]["train_loss"]
     assert all(r["cross_node_bytes"] > 0 for r in rows)
     if "daso" in config:
         assert [r["global_skips"] for r in rows][:2] == [0, 4]
+
+
+def test_ddp_trains_real_mnist_2_nodes_x_2_ranks(mnist_ddp_rows):
+    """The same bound for ddp, from the run the EASGD tests compare against."""
+    rows = mnist_ddp_rows
+    assert [r["epoch"] for r in rows] == list(range(MNIST_EPOCHS))
+    assert rows[-1]["val_accuracy"] >= MNIST_ACCURACY_BOUND, rows[-1]
+    assert rows[-1]["train_loss"] < rows[0]["train_loss"]
+    assert all(r["cross_node_bytes"] > 0 for r in rows)
 
 
 @pytest.mark.parametrize("n, layout", [(3, "2,1"), (2, "1"), (1, None)])
@@ -146,8 +146,8 @@ def test_daso_trains_on_uneven_single_rank_and_single_process_layouts(tmp_path, 
         n,
         layout,
         "trainer.epochs=2",
-        "strategy.warmup_epochs=1",
-        "strategy.cooldown_epochs=0",
+        "strategy.warmup_windows=1",
+        "strategy.cooldown_windows=0",
         "data.train_subset=3000",
     )
     assert len(rows) == 2 and rows[-1]["val_accuracy"] > 0.85, rows

@@ -6,9 +6,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from test_daso_multiprocess import train_cli
 
-from mpi_harness import run_ranks
+from mpi_harness import MNIST_EPOCHS, run_ranks, train_cli
 
 pytestmark = pytest.mark.multiprocess
 STEPS = 6
@@ -46,16 +45,12 @@ def test_elastic_step_matches_formula_and_centers_agree(tmp_path, n, layout):
     assert not torch.equal(runs[first[0]]["trace"][-1], runs[first[1]]["trace"][-1])
 
 
-@pytest.fixture(scope="module")
-def ddp_rows(tmp_path_factory):
-    return train_cli(
-        tmp_path_factory.mktemp("ddp"), "mnist_cnn_ddp.yaml", 4, "2", "trainer.epochs=4"
-    )
-
-
 @pytest.mark.parametrize("strategy", ["easgd", "eamsgd", "async_easgd", "downpour"])
-def test_trains_real_mnist_within_1_5_points_of_ddp(tmp_path, ddp_rows, strategy):
-    rows = train_cli(tmp_path, f"mnist_cnn_{strategy}.yaml", 4, "2", "trainer.epochs=4")
+def test_trains_real_mnist_within_1_5_points_of_ddp(tmp_path, mnist_ddp_rows, strategy):
+    ddp_rows = mnist_ddp_rows
+    rows = train_cli(
+        tmp_path, f"mnist_cnn_{strategy}.yaml", 4, "2", f"trainer.epochs={MNIST_EPOCHS}"
+    )
     assert rows[-1]["val_accuracy"] >= ddp_rows[-1]["val_accuracy"] - 0.015, (
         rows[-1],
         ddp_rows[-1],

@@ -30,8 +30,8 @@ DASO_RUN = (
     "trainer.deterministic=true",
     "data.train_subset=2048",
     "data.val_subset=256",
-    "strategy.warmup_epochs=1",
-    "strategy.cooldown_epochs=1",
+    "strategy.warmup_windows=1",
+    "strategy.cooldown_windows=1",
 )
 
 
@@ -165,7 +165,7 @@ def test_nan_skip_is_consistent_and_never_reaches_parameters(tmp_path):
     params = {
         # ddp: rank 2's NaN gradient reaches every rank through the allreduce: all 4 skip;
         # daso (warm-up epoch, node-local averaging every batch): rank 2's node skips.
-        "strategies": [["ddp", {}], ["daso", {"warmup_epochs": 1, "cooldown_epochs": 0}]],
+        "strategies": [["ddp", {}], ["daso", {"warmup_windows": 1, "cooldown_windows": 0}]],
         "bad_rank": 2,
         "bad_step": 3,
     }

@@ -12,9 +12,8 @@ import sys
 
 import pytest
 import torch
-from test_daso_multiprocess import MNIST_ACCURACY_BOUND, train_cli
 
-from mpi_harness import run_command, run_ranks
+from mpi_harness import MNIST_ACCURACY_BOUND, MNIST_EPOCHS, run_command, run_ranks, train_cli
 
 HAVE_HOROVOD = importlib.util.find_spec("horovod") is not None
 REQUIRED = os.environ.get("DASO_REQUIRE_HOROVOD") == "1"
@@ -54,7 +53,7 @@ def test_horovod_equals_ddp_after_every_step(tmp_path):
 
 
 def test_horovod_trains_real_mnist(tmp_path):
-    rows = train_cli(tmp_path, "mnist_cnn_horovod.yaml", 4, "2", "trainer.epochs=4")
+    rows = train_cli(tmp_path, "mnist_cnn_horovod.yaml", 4, "2", f"trainer.epochs={MNIST_EPOCHS}")
     assert rows[-1]["val_accuracy"] >= MNIST_ACCURACY_BOUND, rows[-1]
     assert all(r["cross_node_bytes"] > 0 and r["strategy"] == "horovod" for r in rows)
 

@@ -22,8 +22,8 @@ STRATEGIES = {
     # sender's own sent difference are part of the exact state (plain DASO resumes bitwise in
     # test_faults_multiprocess's SIGTERM test)
     "daso": {
-        "warmup_epochs": 1,
-        "cooldown_epochs": 1,
+        "warmup_windows": 1,
+        "cooldown_windows": 1,
         "max_global_skips": 4,
         "outer_optimizer": "nesterov",
         "merge": "progress",

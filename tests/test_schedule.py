@@ -52,16 +52,16 @@ def run(schedule: DASOSchedule, losses: list[float]) -> list[tuple[int, int, int
     seen = []
     for loss in losses:
         seen.append(knobs(schedule.params))
-        schedule.end_epoch(loss)
+        schedule.end_window(loss)
     return seen
 
 
 def test_default_schedule_exact_sequence():
-    assert run(DASOSchedule(epochs=20), LOSSES) == EXPECTED
+    assert run(DASOSchedule(windows=20), LOSSES) == EXPECTED
 
 
 def test_phases_of_default_schedule():
-    schedule = DASOSchedule(epochs=20)
+    schedule = DASOSchedule(windows=20)
     assert [schedule.phase(e) for e in (0, 3, 4, 15, 16, 19)] == [
         "warmup",
         "warmup",
@@ -73,7 +73,7 @@ def test_phases_of_default_schedule():
 
 
 def test_warmup_zero_starts_cycling_at_once_and_leaves_blocking_mode():
-    schedule = DASOSchedule(epochs=6, warmup_epochs=0, cooldown_epochs=1)
+    schedule = DASOSchedule(windows=6, warmup_windows=0, cooldown_windows=1)
     assert knobs(schedule.params) == (4, 1, 1)
     assert not schedule.params.blocking
     # never stuck in blocking; the third stalled epoch is a plateau
@@ -83,17 +83,17 @@ def test_warmup_zero_starts_cycling_at_once_and_leaves_blocking_mode():
 @pytest.mark.parametrize("max_skips, first", [(16, 8), (8, 4), (4, 2), (3, 1), (1, 1)])
 def test_max_global_skips_respected_from_first_cycling_epoch(max_skips, first):
     schedule = DASOSchedule(
-        epochs=10, warmup_epochs=1, cooldown_epochs=1, max_global_skips=max_skips
+        windows=10, warmup_windows=1, cooldown_windows=1, max_global_skips=max_skips
     )
-    schedule.end_epoch(1.0)
+    schedule.end_window(1.0)
     assert schedule.params.global_skips == first
 
 
 def test_reset_respects_max_global_skips_and_local_skip_factor():
     schedule = DASOSchedule(
-        epochs=30,
-        warmup_epochs=0,
-        cooldown_epochs=0,
+        windows=30,
+        warmup_windows=0,
+        cooldown_windows=0,
         patience=0,
         stability_level=0.5,
         max_global_skips=16,
@@ -106,9 +106,9 @@ def test_reset_respects_max_global_skips_and_local_skip_factor():
 
 def test_batches_to_wait_never_exceeds_global_skips():
     schedule = DASOSchedule(
-        epochs=50,
-        warmup_epochs=0,
-        cooldown_epochs=0,
+        windows=50,
+        warmup_windows=0,
+        cooldown_windows=0,
         patience=0,
         max_global_skips=8,
         local_skip_factor=1,
@@ -118,10 +118,10 @@ def test_batches_to_wait_never_exceeds_global_skips():
 
 
 def test_state_dict_round_trip_resumes_same_sequence():
-    first = DASOSchedule(epochs=20)
+    first = DASOSchedule(windows=20)
     run(first, LOSSES[:9])
     state = first.state_dict()
-    resumed = DASOSchedule(epochs=20)
+    resumed = DASOSchedule(windows=20)
     resumed.load_state_dict(state)
     assert run(resumed, LOSSES[9:]) == EXPECTED[9:]
     assert run(first, LOSSES[9:]) == EXPECTED[9:]
@@ -154,7 +154,7 @@ def test_send_and_local_sync_batches():
 @pytest.mark.parametrize(
     "kwargs, word",
     [
-        ({"warmup_epochs": 3, "cooldown_epochs": 3}, "exceeds epochs"),
+        ({"warmup_windows": 3, "cooldown_windows": 3}, "exceeds the run"),
         ({"max_global_skips": 0}, "max_global_skips"),
         ({"skip_reduction_factor": 1}, "skip_reduction_factor"),
         ({"stability_level": 1.5}, "stability_level"),
@@ -163,8 +163,8 @@ def test_send_and_local_sync_batches():
 )
 def test_bad_schedule_values_are_config_errors(kwargs, word):
     with pytest.raises(ConfigError, match=word):
-        DASOSchedule(epochs=10, **kwargs) if "warmup_epochs" not in kwargs else DASOSchedule(
-            epochs=5, **kwargs
+        DASOSchedule(windows=10, **kwargs) if "warmup_windows" not in kwargs else DASOSchedule(
+            windows=5, **kwargs
         )
 
 
@@ -185,7 +185,7 @@ def test_detector_is_fed_from_the_last_warmup_epoch_on():
     """Warm-up losses 1.0, 3.0 (the last warm-up epoch), then 2.8, 2.8, 2.8: fed from the last
     warm-up epoch, the best is 3.0 and 2.8 improves on it (no plateau: S stays 4); fed every
     warm-up epoch, the best would be 1.0 and the cycling epochs would plateau to S = 2."""
-    schedule = DASOSchedule(epochs=8, warmup_epochs=2, cooldown_epochs=1, patience=1)
+    schedule = DASOSchedule(windows=8, warmup_windows=2, cooldown_windows=1, patience=1)
     seen = run(schedule, [1.0, 3.0, 2.8, 2.8, 2.8, 2.8])
     assert seen[2] == (4, 1, 1)
     assert seen[3:5] == [(4, 1, 1), (4, 1, 1)]

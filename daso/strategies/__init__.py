@@ -1,5 +1,9 @@
 """Training strategies, one module each, all behind :class:`~daso.strategies.base.Strategy`.
 
+Every module of this package is imported here, and every :class:`Strategy` subclass with a
+``name`` registers itself (:data:`STRATEGIES`): a new strategy is one new module (its class and
+its options model) plus an example config; nothing else lists it.
+
 ============  ===========================================================  ==================
 name          what it does                                                 source
 ============  ===========================================================  ==================
@@ -24,50 +28,52 @@ downpour      each node pushes its accumulated update to the sharded        Dean
 
 from __future__ import annotations
 
+import importlib
+import pkgutil
 from collections.abc import Mapping
 from typing import Any
 
-from daso.strategies.async_easgd import AsyncEASGDStrategy
 from daso.strategies.averaging import merge_stale
-from daso.strategies.base import Strategy
-from daso.strategies.daso import DASOStrategy
-from daso.strategies.ddp import DDPStrategy
-from daso.strategies.downpour import DownpourStrategy
-from daso.strategies.easgd import EAMSGDStrategy, EASGDStrategy
-from daso.strategies.hierarchical import HierarchicalStrategy
-from daso.strategies.horovod import HorovodStrategy
-from daso.strategies.local_sgd import LocalSGDStrategy
-from daso.strategies.no_comm import NoCommStrategy
+from daso.strategies.base import REGISTRY, Strategy
 from daso.topology import ProcessGroups
 
-STRATEGIES: dict[str, type[Strategy]] = {
-    cls.name: cls
-    for cls in (
-        DDPStrategy,
-        HierarchicalStrategy,
-        LocalSGDStrategy,
-        DASOStrategy,
-        HorovodStrategy,
-        NoCommStrategy,
-        EASGDStrategy,
-        EAMSGDStrategy,
-        AsyncEASGDStrategy,
-        DownpourStrategy,
-    )
-}
+for _module in pkgutil.iter_modules(__path__):
+    importlib.import_module(f"{__name__}.{_module.name}")
+
+from daso.strategies.async_easgd import AsyncEASGDStrategy  # noqa: E402
+from daso.strategies.daso import DASOStrategy  # noqa: E402
+from daso.strategies.ddp import DDPStrategy  # noqa: E402
+from daso.strategies.downpour import DownpourStrategy  # noqa: E402
+from daso.strategies.easgd import EAMSGDStrategy, EASGDStrategy  # noqa: E402
+from daso.strategies.hierarchical import HierarchicalStrategy  # noqa: E402
+from daso.strategies.horovod import HorovodStrategy  # noqa: E402
+from daso.strategies.local_sgd import LocalSGDStrategy  # noqa: E402
+from daso.strategies.no_comm import NoCommStrategy  # noqa: E402
+
+#: The registered strategies by name: ``daso`` first (the default), then alphabetical.
+STRATEGIES: dict[str, type[Strategy]] = {"daso": REGISTRY["daso"]} | dict(sorted(REGISTRY.items()))
 
 
 def build_strategy(
-    name: str, groups: ProcessGroups, epochs: int, options: Mapping[str, Any] | None = None
+    name: str,
+    groups: ProcessGroups,
+    epochs: int,
+    options: Mapping[str, Any] | None = None,
+    timeout_seconds: float = 300.0,
 ) -> Strategy:
-    """Instantiate strategy ``name`` with its keyword ``options`` (its config section's keys).
+    """Instantiate strategy ``name`` with its ``options`` (its config section's keys).
+
+    Args:
+        epochs: windows of the run (epochs unless ``window_steps`` cuts them smaller).
+        timeout_seconds: the strategy's longest wait for a cross-node message.
 
     Raises:
         ValueError: unknown ``name`` (the message lists the known ones).
+        ConfigError: an unknown option or an out-of-range value.
     """
     if name not in STRATEGIES:
         raise ValueError(f"unknown strategy {name!r}; choose one of {sorted(STRATEGIES)}")
-    return STRATEGIES[name](groups, epochs, **dict(options or {}))
+    return STRATEGIES[name](groups, epochs, timeout_seconds=timeout_seconds, **dict(options or {}))
 
 
 __all__ = [

@@ -30,50 +30,49 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+from pydantic import Field
 
 from daso.comm.param_server import Op
-from daso.errors import ConfigError
-from daso.strategies.center_server import CenterServerStrategy
+from daso.strategies.center_server import CenterServerOptions, CenterServerStrategy
 from daso.strategies.easgd import nesterov_point
 from daso.topology import ProcessGroups
+
+
+class AsyncEASGDOptions(CenterServerOptions):
+    moving_rate: float | None = Field(
+        None, gt=0, lt=1, description="alpha; empty = 0.9 / number of nodes (beta = 0.9)."
+    )
+    momentum: float | None = Field(
+        None, ge=0, lt=1, description="delta: Nesterov momentum (async EAMSGD); empty = optim's."
+    )
 
 
 class AsyncEASGDStrategy(CenterServerStrategy):
     """Asynchronous EASGD (Algorithm 1), optionally EAMSGD (Algorithm 2); see the module doc.
 
-    Args:
-        groups: the process groups.
-        epochs: total epochs (unused; part of the interface).
+    Options (:class:`AsyncEASGDOptions`):
         period: tau, steps of a node between its elastic exchanges, >= 1.
         moving_rate: alpha, in (0, 1); default ``0.9 / p`` (beta = 0.9).
         momentum: delta, Nesterov momentum set on the optimizer (EAMSGD), or ``None`` to
             leave the optimizer as configured.
         evaluate: ``"center"`` (default) or ``"worker"``.
-        timeout_seconds: longest wait for a parameter-server message, seconds.
 
     Raises:
         ConfigError: out-of-range ``period``, ``moving_rate``, ``momentum`` or ``evaluate``.
     """
 
     name = "async_easgd"
+    summary = (
+        "Asynchronous EASGD (Zhang et al. 2015, Algorithm 1): center on sharded parameter "
+        "servers, one per node."
+    )
+    Options = AsyncEASGDOptions
 
-    def __init__(
-        self,
-        groups: ProcessGroups,
-        epochs: int,
-        *,
-        moving_rate: float | None = None,
-        momentum: float | None = None,
-        **options: Any,
-    ) -> None:
+    def __init__(self, groups: ProcessGroups, epochs: int, **options: Any) -> None:
         super().__init__(groups, epochs, **options)
-        alpha = 0.9 / self.topology.num_nodes if moving_rate is None else moving_rate
-        if not 0 < alpha < 1 or (momentum is not None and not 0 <= momentum < 1):
-            raise ConfigError(
-                f"async_easgd: need 0 < moving_rate < 1 and 0 <= momentum < 1 "
-                f"(got moving_rate={alpha}, momentum={momentum})"
-            )
-        self.moving_rate, self.momentum = alpha, momentum
+        alpha, momentum = self.options.moving_rate, self.options.momentum
+        self.moving_rate = 0.9 / self.topology.num_nodes if alpha is None else alpha
+        self.momentum = momentum
         self.difference: torch.Tensor | None = None
 
     def wrap(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> torch.nn.Module:

@@ -1,21 +1,29 @@
 """The interface every training strategy implements.
 
-The trainer owns the loop; a strategy only answers a few calls, in this order per epoch::
+The loop belongs to :class:`daso.Distributed` (the step-level API, which :class:`daso.Trainer`
+drives); a strategy only answers a few calls. A run is cut into *windows* of optimizer steps
+(one epoch each by default, ``window_steps`` otherwise), and per window::
 
-    model = strategy.wrap(model, optimizer)          # once, before the first epoch
-    strategy.begin_epoch(epoch, num_batches)
-    for batch in range(num_batches):
-        with strategy.sync_context(batch):           # node-local gradient averaging on/off
-            forward, backward
-        strategy.after_backward(batch)               # gradient communication beyond DDP
+    model = strategy.wrap(model, optimizer)          # once, before the first window
+    strategy.begin_window(window, num_steps)
+    for step in range(num_steps):
+        with strategy.sync_context(step):            # node-local gradient averaging on/off
+            forward, backward                        # (the last micro-batch of the step)
+        strategy.after_backward(step)                # gradient communication beyond DDP
         with strategy.step_context():
             strategy.optimizer.step()
-        strategy.after_step(batch)                   # cross-node communication
-    metrics = strategy.epoch_metrics()               # knobs and counters of the epoch
-    strategy.end_epoch(epoch, global_mean_loss)      # controller input
+        strategy.after_step(step)                    # cross-node communication
+    metrics = strategy.window_metrics()              # knobs and counters of the window
+    strategy.end_window(window, global_mean_loss)    # controller input
 
-A new strategy is one module with one subclass of :class:`Strategy`, registered in
-:mod:`daso.strategies`.
+Every window ends with all ranks holding the same model (strategies that keep nodes apart
+say so in :attr:`Strategy.lockstep`).
+
+A new strategy is one module in :mod:`daso.strategies` with one subclass of :class:`Strategy`
+that sets :attr:`Strategy.name`, :attr:`Strategy.summary` and :attr:`Strategy.Options` (a
+:class:`~daso.options.StrategyOptions` model of its options, with defaults and help text):
+defining the class registers it, and the ``strategy`` config section, the CLI and the README's
+config table are built from the registry.
 """
 
 from __future__ import annotations
@@ -25,9 +33,31 @@ import contextlib
 from typing import Any, ClassVar
 
 import torch
+from pydantic import ValidationError
 
 from daso.comm import wrap_data_parallel
+from daso.errors import ConfigError
+from daso.options import StrategyOptions
 from daso.topology import ProcessGroups
+
+#: Every strategy class defined so far, by :attr:`Strategy.name` (filled by subclassing).
+REGISTRY: dict[str, type[Strategy]] = {}
+
+
+def parse_options(cls: type[Strategy], options: dict[str, Any]) -> StrategyOptions:
+    """``options`` validated by ``cls.Options``.
+
+    Raises:
+        ConfigError: an unknown option or a value out of range (one line: option, problem).
+    """
+    try:
+        return cls.Options.model_validate(options)
+    except ValidationError as err:
+        first = err.errors()[0]
+        where = ".".join(str(p) for p in first["loc"]) or "options"
+        raise ConfigError(
+            f"strategy {cls.name!r}: option {where}: {first['msg']} (got {first.get('input')!r})"
+        ) from None
 
 
 def synchronous_metrics(cross_node_bytes: int, comm_wait_seconds: float = 0.0) -> dict[str, float]:
@@ -64,11 +94,18 @@ class Strategy(abc.ABC):
 
     Args:
         groups: this rank's :class:`~daso.topology.ProcessGroups`.
-        epochs: total epochs of the run (strategies with a schedule need it).
+        epochs: total windows of the run (strategies with a schedule need it): epochs by
+            default, or the windows of ``window_steps`` steps the run is cut into.
         timeout_seconds: longest wait for a cross-node collective before
             :class:`~daso.errors.CommTimeoutError`.
+        **options: the strategy's options, validated by :attr:`Options` (its defaults fill
+            the rest).
+
+    Raises:
+        ConfigError: an unknown option or an out-of-range value.
 
     Attributes:
+        options: the validated :attr:`Options` instance.
         model: the wrapped model (after :meth:`wrap`).
         optimizer: the user's optimizer (after :meth:`wrap`).
         deterministic: set before :meth:`wrap` for bitwise-reproducible steps (fixed DDP
@@ -76,19 +113,35 @@ class Strategy(abc.ABC):
     """
 
     name: ClassVar[str] = ""
+    #: One line for the config reference: what the strategy does, and its source.
+    summary: ClassVar[str] = ""
+    #: The typed options of the strategy (its ``strategy`` config section sans ``name``).
+    Options: ClassVar[type[StrategyOptions]] = StrategyOptions
     #: ``False`` for strategies whose nodes run on their own clocks (``async_easgd``,
     #: ``downpour``): the trainer then puts no per-batch collective across nodes (its stop vote
     #: goes through the rendezvous store) and checkpoints only at epoch ends.
     lockstep: ClassVar[bool] = True
 
-    def __init__(self, groups: ProcessGroups, epochs: int, timeout_seconds: float = 300.0) -> None:
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if cls.name:
+            REGISTRY[cls.name] = cls
+
+    def __init__(
+        self,
+        groups: ProcessGroups,
+        epochs: int,
+        timeout_seconds: float = 300.0,
+        **options: Any,
+    ) -> None:
+        self.options = parse_options(type(self), options)
         self.groups = groups
         self.timeout = timeout_seconds
         self.topology = groups.topology
-        self.epochs = epochs
+        self.epochs = epochs  # windows of the run
         self.model: torch.nn.Module | None = None
         self.optimizer: torch.optim.Optimizer | None = None
-        self.num_batches = 0
+        self.window_length = 0
         self.deterministic = False
 
     def wrap_in_node(self, model: torch.nn.Module) -> torch.nn.Module:
@@ -111,12 +164,14 @@ class Strategy(abc.ABC):
         itself, or a wrapper of it).
         """
 
-    def begin_epoch(self, epoch: int, num_batches: int) -> None:
-        """Called before the first batch of ``epoch``; ``num_batches`` is equal on all ranks."""
-        self.num_batches = num_batches
+    def begin_window(self, window: int, num_steps: int) -> None:
+        """Called before the first step of ``window`` (0-based over the run); ``num_steps``
+        (its length in optimizer steps) is equal on all ranks."""
+        self.window_length = num_steps
 
     def sync_context(self, batch: int) -> contextlib.AbstractContextManager:
-        """Context for forward+backward of ``batch``: decides node-local gradient averaging."""
+        """Context for forward+backward of step ``batch`` (0-based in its window; with gradient
+        accumulation, of its last micro-batch): decides node-local gradient averaging."""
         return contextlib.nullcontext()
 
     def after_backward(self, batch: int) -> None:
@@ -128,20 +183,21 @@ class Strategy(abc.ABC):
         return contextlib.nullcontext()
 
     def after_step(self, batch: int) -> None:
-        """Called on every rank after ``optimizer.step()`` of ``batch`` (0-based in its epoch)."""
+        """Called on every rank after ``optimizer.step()`` of step ``batch`` (0-based in its
+        window)."""
 
     def evaluation(self) -> contextlib.AbstractContextManager:
         """Context around validation (e.g. to evaluate a center variable instead)."""
         return contextlib.nullcontext()
 
-    def epoch_metrics(self) -> dict[str, float]:
-        """Numbers of the epoch just run, then reset: at least ``cross_node_bytes`` (this rank's
+    def window_metrics(self) -> dict[str, float]:
+        """Numbers of the window just run, then reset: at least ``cross_node_bytes`` (this rank's
         bytes handed to cross-node collectives) and ``comm_wait_seconds``; schedule knobs where
         the strategy has them."""
         return {"cross_node_bytes": 0, "comm_wait_seconds": 0.0}
 
-    def end_epoch(self, epoch: int, loss: float) -> None:
-        """Called after ``epoch`` with the training loss averaged over all ranks."""
+    def end_window(self, window: int, loss: float) -> None:
+        """Called after ``window`` with its training loss averaged over all ranks."""
 
     def state_dict(self) -> dict[str, Any]:
         """Everything the strategy keeps that a resumed run needs (no pending requests)."""

@@ -35,28 +35,36 @@ waits (at most the timeout) for its own server to hear the same from every worke
 from __future__ import annotations
 
 import contextlib
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from mpi4py import MPI
+from pydantic import Field
 
 from daso.comm import FlatBuffer, broadcast, model_state_tensors, shard_bounds
 from daso.comm.param_server import Op, ParameterClient, ParameterServer
-from daso.errors import ConfigError, TopologyError
+from daso.errors import TopologyError
+from daso.options import StrategyOptions
 from daso.strategies.base import EpochCounters, Strategy
 from daso.strategies.easgd import swapped_in
 from daso.topology import ProcessGroups
 
 
+class CenterServerOptions(StrategyOptions):
+    period: int = Field(1, ge=1, description="tau: a node's steps between its exchanges.")
+    evaluate: Literal["center", "worker"] = Field(
+        "center", description="Validate the center x~ or this worker's x^i."
+    )
+
+
 class CenterServerStrategy(Strategy):
     """Base of the asynchronous strategies with a center on parameter servers (module doc).
 
-    Args:
-        groups: the process groups.
-        epochs: total epochs (unused; part of the interface).
+    Options (:class:`CenterServerOptions`):
         period: tau, the communication period: a node's steps between its exchanges, >= 1.
         evaluate: ``"center"`` (default) or ``"worker"``: which parameters validation sees.
-        timeout_seconds: longest wait for any parameter-server message, seconds.
+
+    ``timeout_seconds`` is the longest wait for any parameter-server message, seconds.
 
     Attributes:
         step: this node's steps so far (its own clock, ``t^i`` in Algorithm 1).
@@ -68,26 +76,14 @@ class CenterServerStrategy(Strategy):
         ConfigError: ``period < 1`` or ``evaluate`` not center|worker.
     """
 
+    Options = CenterServerOptions
     #: alpha of the servers' elastic rule (``None``: the strategy only adds updates).
     moving_rate: float | None = None
     lockstep = False  # nodes run on their own clocks: the trainer never makes them wait
 
-    def __init__(
-        self,
-        groups: ProcessGroups,
-        epochs: int,
-        *,
-        period: int = 1,
-        evaluate: str = "center",
-        timeout_seconds: float = 300.0,
-    ) -> None:
-        super().__init__(groups, epochs, timeout_seconds)
-        if period < 1 or evaluate not in ("center", "worker"):
-            raise ConfigError(
-                f"{self.name}: need period >= 1 and evaluate center|worker "
-                f"(got period={period}, evaluate={evaluate!r})"
-            )
-        self.period, self.evaluate = period, evaluate
+    def __init__(self, groups: ProcessGroups, epochs: int, **options: Any) -> None:
+        super().__init__(groups, epochs, **options)
+        self.period, self.evaluate = self.options.period, self.options.evaluate
         self.step = self.exchanges = 0
         self.leader = self.topology.local_rank == 0
         self.leader_rank = self.topology.global_rank(self.topology.node_rank, 0)
@@ -162,7 +158,7 @@ class CenterServerStrategy(Strategy):
             return contextlib.nullcontext()
         return swapped_in(self.state, self.pull_center())
 
-    def epoch_metrics(self) -> dict[str, float]:
+    def window_metrics(self) -> dict[str, float]:
         """``cross_node_bytes``: request bytes this rank's worker sent to other nodes' servers
         plus reply bytes its server sent to other nodes' workers (float32, 4 bytes each)."""
         sent = waited = 0

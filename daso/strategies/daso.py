@@ -30,34 +30,84 @@ average (``global_skips = 0``).
 from __future__ import annotations
 
 import contextlib
-from typing import Any
+from typing import Any, Literal
 
 import torch
+from pydantic import AliasChoices, Field
 
 from daso.comm import WIRE_DTYPES, no_sync, optimizer_state_tensors, synced_state_tensors
-from daso.errors import ConfigError
+from daso.options import OuterOptimizerOptions, WireDtype
 from daso.schedule import CYCLING, DASOSchedule
 from daso.strategies.averaging import CrossNodeAverager
 from daso.strategies.base import EpochCounters, Strategy
-from daso.strategies.outer import DEFAULT_OUTER_LR, DEFAULT_OUTER_MOMENTUM, build_outer_optimizer
+from daso.strategies.outer import build_outer_optimizer
 from daso.topology import ProcessGroups
 
-#: How a sender merges the arrived mean with its newer parameters (see
-#: :meth:`~daso.strategies.averaging.CrossNodeAverager.merge`).
-MERGE_RULES = ("staleness", "progress")
-#: Per-epoch counts in :meth:`DASOStrategy.epoch_metrics`.
+#: Per-epoch counts in :meth:`DASOStrategy.window_metrics`.
 SYNC_COUNTS = ("sends", "merges", "blocking_averages")
+
+
+class DASOOptions(OuterOptimizerOptions):
+    warmup_windows: int = Field(
+        4,
+        ge=0,
+        validation_alias=AliasChoices("warmup_windows", "warmup_epochs"),
+        description="Blocking windows at the start (alias warmup_epochs; a window is an "
+        "epoch unless window_steps is set).",
+    )
+    cooldown_windows: int = Field(
+        4,
+        ge=0,
+        validation_alias=AliasChoices("cooldown_windows", "cooldown_epochs"),
+        description="Blocking windows at the end (alias cooldown_epochs).",
+    )
+    stability_level: float = Field(
+        0.05, ge=0, lt=1, description="Relative loss improvement below which a window stalls."
+    )
+    patience: int = Field(2, ge=0, description="Stalled windows before a plateau.")
+    max_global_skips: int = Field(
+        8, ge=1, description="Largest global_skips; cycling starts at half."
+    )
+    skip_reduction_factor: int = Field(2, ge=2, description="Skips divided by this per plateau.")
+    local_skip_factor: int = Field(
+        4, ge=1, description="After a reset, local_skips = batches_to_wait = max / this."
+    )
+    downcast: WireDtype = Field(
+        "bfloat16", description="Wire dtype of cross-node syncs (differences from the anchor)."
+    )
+    merge: Literal["staleness", "progress"] = Field(
+        "progress",
+        description="Merge of an arrived sync: progress (mean + own progress since the send) "
+        "or staleness ((2W x + N mean) / (2W + N), the paper's eq. 1).",
+    )
+    sync_optimizer_state: bool = Field(
+        True, description="Average optimizer state across nodes at each window end."
+    )
+    poll_interval_seconds: float = Field(
+        0.0, ge=0, description="0: MPI's blocking progress; >0: MPI_Test then sleep this long."
+    )
+
+    def schedule_options(self) -> dict[str, Any]:
+        """Keyword arguments of :class:`~daso.schedule.DASOSchedule`."""
+        return {
+            "warmup_windows": self.warmup_windows,
+            "cooldown_windows": self.cooldown_windows,
+            "stability_level": self.stability_level,
+            "patience": self.patience,
+            "max_global_skips": self.max_global_skips,
+            "skip_reduction_factor": self.skip_reduction_factor,
+            "local_skip_factor": self.local_skip_factor,
+        }
 
 
 class DASOStrategy(Strategy):
     """The DASO strategy (see the module docstring for the algorithm).
 
-    Args:
-        groups: the process groups; ``groups.cross_comm`` is this rank's ``C_i`` or ``None``.
-        epochs: total epochs (the cool-down is the last ``cooldown_epochs``).
-        schedule_options: keyword arguments of :class:`~daso.schedule.DASOSchedule`
-            (``warmup_epochs``, ``cooldown_epochs``, ``stability_level``, ``patience``,
-            ``max_global_skips``, ``skip_reduction_factor``, ``local_skip_factor``).
+    Options (:class:`DASOOptions`): the schedule's (``warmup_windows``,
+    ``cooldown_windows``, ``stability_level``, ``patience``, ``max_global_skips``,
+    ``skip_reduction_factor``, ``local_skip_factor``: see :class:`~daso.schedule.DASOSchedule`),
+    and:
+
         downcast: wire dtype of the differences from the anchor in cross-node syncs:
             ``"bfloat16"``, ``"float16"`` or ``"float32"``. The model state itself stays
             float32; memory: one float32 anchor of the synced state per rank.
@@ -81,37 +131,23 @@ class DASOStrategy(Strategy):
             moments) across nodes in the blocking sync at the end of each epoch.
         poll_interval_seconds: how the communication thread drives MPI (see
             :class:`~daso.comm.CrossNodeSum`).
-        timeout_seconds: longest wait for a cross-node sum before
-            :class:`~daso.errors.CommTimeoutError`.
+
+    ``epochs`` is the run's number of windows; ``timeout_seconds`` the longest wait for a
+    cross-node sum before :class:`~daso.errors.CommTimeoutError`.
     """
 
     name = "daso"
+    summary = "DASO (Coquelin et al. 2022)."
+    Options = DASOOptions
 
-    def __init__(
-        self,
-        groups: ProcessGroups,
-        epochs: int,
-        *,
-        downcast: str = "bfloat16",
-        merge: str = "progress",
-        outer_optimizer: str = "none",
-        outer_lr: float = DEFAULT_OUTER_LR,
-        outer_momentum: float = DEFAULT_OUTER_MOMENTUM,
-        sync_optimizer_state: bool = True,
-        poll_interval_seconds: float = 0.0,
-        timeout_seconds: float = 300.0,
-        **schedule_options: Any,
-    ) -> None:
-        super().__init__(groups, epochs, timeout_seconds)
-        self.schedule = DASOSchedule(epochs, **schedule_options)
-        self.wire_dtype = WIRE_DTYPES[downcast]
-        if merge not in MERGE_RULES:
-            raise ConfigError(f"daso: merge must be one of {', '.join(MERGE_RULES)}, got {merge!r}")
-        self.merge_rule = merge
-        self.outer_options = (outer_optimizer, outer_lr, outer_momentum)
-        build_outer_optimizer(outer_optimizer, 0, "cpu", outer_lr, outer_momentum)  # validate
-        self.sync_optimizer_state = sync_optimizer_state
-        self.poll_interval = poll_interval_seconds
+    def __init__(self, groups: ProcessGroups, epochs: int, **options: Any) -> None:
+        super().__init__(groups, epochs, **options)
+        opts = self.options
+        self.schedule = DASOSchedule(epochs, **opts.schedule_options())
+        self.wire_dtype = WIRE_DTYPES[opts.downcast]
+        self.merge_rule = opts.merge
+        self.sync_optimizer_state = opts.sync_optimizer_state
+        self.poll_interval = opts.poll_interval_seconds
         self.pending: tuple[int, int] | None = None  # (batch sent, sender local rank)
         self._received: torch.Tensor | None = None  # a sum waited for by a mid-epoch checkpoint
         self.averager: CrossNodeAverager | None = None
@@ -123,7 +159,6 @@ class DASOStrategy(Strategy):
         self.optimizer = optimizer
         self.model = self.wrap_in_node(model)
         tensors, param_numel = synced_state_tensors(model)
-        name, lr, momentum = self.outer_options
         self.averager = CrossNodeAverager(
             self.groups,
             tensors,
@@ -131,14 +166,14 @@ class DASOStrategy(Strategy):
             self.timeout,
             self.poll_interval,
             param_numel=param_numel,
-            outer=build_outer_optimizer(name, param_numel, self.groups.device, lr, momentum),
+            outer=build_outer_optimizer(self.options, param_numel, self.groups.device),
         )
         return self.model
 
     # -- per batch -----------------------------------------------------------------------------
     def sync_context(self, batch: int) -> contextlib.AbstractContextManager:
         # the last batch syncs in the node too, so the epoch-closing average sees one model
-        last = batch == self.num_batches - 1
+        last = batch == self.window_length - 1
         if last or self.schedule.params.is_local_sync_batch(batch):
             return contextlib.nullcontext()
         self.averager.node_diverged = True  # the node's ranks step on their own gradients
@@ -146,7 +181,7 @@ class DASOStrategy(Strategy):
 
     def after_step(self, batch: int) -> None:
         params = self.schedule.params
-        last = batch == self.num_batches - 1
+        last = batch == self.window_length - 1
         if self.pending is not None:
             waited = batch - self.pending[0]
             if last or waited >= params.batches_to_wait:
@@ -184,7 +219,7 @@ class DASOStrategy(Strategy):
         self.syncs["blocking_averages"] += 1
 
     # -- per epoch -----------------------------------------------------------------------------
-    def epoch_metrics(self) -> dict[str, float]:
+    def window_metrics(self) -> dict[str, float]:
         """The schedule's knobs, the bytes and wait, and the epoch's ``sends`` (non-blocking
         syncs started), ``merges`` and ``blocking_averages`` (epoch end included) since the
         previous call."""
@@ -198,8 +233,8 @@ class DASOStrategy(Strategy):
             **self.counters.since_last(*self.averager.counters()),
         }
 
-    def end_epoch(self, epoch: int, loss: float) -> None:
-        self.schedule.end_epoch(loss)
+    def end_window(self, epoch: int, loss: float) -> None:
+        self.schedule.end_window(loss)
 
     def state_dict(self) -> dict[str, Any]:
         """Schedule (with its plateau detector), sender rotation and, between batches of an

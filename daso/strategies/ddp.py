@@ -6,6 +6,8 @@ node boundary every step.
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 
 from daso.comm import ByteCounter, broadcast_tensors, model_state_tensors, wrap_data_parallel
@@ -22,9 +24,10 @@ class DDPStrategy(Strategy):
     """
 
     name = "ddp"
+    summary = "Gradient allreduce over all ranks (PyTorch DDP)."
 
-    def __init__(self, groups: ProcessGroups, epochs: int, timeout_seconds: float = 300.0) -> None:
-        super().__init__(groups, epochs, timeout_seconds)
+    def __init__(self, groups: ProcessGroups, epochs: int, **options: Any) -> None:
+        super().__init__(groups, epochs, **options)
         self.counter = ByteCounter()
 
     def wrap(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> torch.nn.Module:
@@ -40,9 +43,9 @@ class DDPStrategy(Strategy):
         )
         return self.model
 
-    def epoch_metrics(self) -> dict[str, float]:
+    def window_metrics(self) -> dict[str, float]:
         sent, self.counter.bytes_sent = self.counter.bytes_sent, 0
         return synchronous_metrics(sent)
 
-    def end_epoch(self, epoch: int, loss: float) -> None:
+    def end_window(self, epoch: int, loss: float) -> None:
         broadcast_tensors(model_state_tensors(self.model), src=0)

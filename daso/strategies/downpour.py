@@ -33,15 +33,18 @@ from daso.strategies.center_server import CenterServerStrategy
 class DownpourStrategy(CenterServerStrategy):
     """DOWNPOUR: push accumulated updates, pull the center, every ``period`` steps.
 
-    Args:
-        groups, epochs, period, evaluate, timeout_seconds: as
-            :class:`~daso.strategies.center_server.CenterServerStrategy`.
+    Options: ``period`` and ``evaluate``, as
+    :class:`~daso.strategies.center_server.CenterServerStrategy`.
 
     Attributes:
         reference: float32 ``[P]``, ``x^i_last``: the parameters at the last pull.
     """
 
     name = "downpour"
+    summary = (
+        "DOWNPOUR (Dean et al. 2012): push accumulated updates to sharded parameter servers, "
+        "pull the center."
+    )
 
     def wrap(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> torch.nn.Module:
         wrapped = super().wrap(model, optimizer)

@@ -31,9 +31,10 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
-from typing import Any
+from typing import Any, Literal
 
 import torch
+from pydantic import Field
 
 from daso.comm import (
     WIRE_DTYPES,
@@ -42,7 +43,7 @@ from daso.comm import (
     broadcast,
     broadcast_tensors,
 )
-from daso.errors import ConfigError
+from daso.options import StrategyOptions, WireDtype
 from daso.strategies.averaging import shard_sum_link, sum_shards_over_nodes
 from daso.strategies.base import EpochCounters, Strategy
 from daso.topology import ProcessGroups
@@ -127,50 +128,53 @@ def swapped_in(state: FlatBuffer, center: torch.Tensor) -> Iterator[None]:
         state.unpack(worker)
 
 
+class EASGDOptions(StrategyOptions):
+    period: int = Field(1, ge=1, description="tau: steps between elastic exchanges.")
+    moving_rate: float | None = Field(
+        None, gt=0, lt=1, description="alpha; empty = 0.9 / number of nodes (beta = 0.9)."
+    )
+    center_resync_period: int = Field(
+        100, ge=1, description="Elastic steps between center re-broadcasts (float drift)."
+    )
+    evaluate: Literal["center", "worker"] = Field(
+        "center", description="Validate the center x~ or this worker's x^i."
+    )
+    wire_dtype: WireDtype = Field("float32", description="Wire dtype of elastic differences.")
+
+
+class EAMSGDOptions(EASGDOptions):
+    momentum: float = Field(0.99, ge=0, lt=1, description="delta: Nesterov momentum.")
+
+
 class EASGDStrategy(Strategy):
     """Synchronous EASGD across nodes (see the module docstring).
 
-    Args:
-        groups: the process groups.
-        epochs: total epochs (unused; part of the interface).
+    Options (:class:`EASGDOptions`):
         period: tau, steps between elastic exchanges, >= 1.
         moving_rate: alpha; default ``beta / p`` with ``beta = 0.9``.
         center_resync_period: elastic steps between re-broadcasts of the center from rank 0.
         evaluate: ``"center"`` (default) or ``"worker"``: which parameters validation sees.
         wire_dtype: dtype of the elastic differences on the MPI wire.
-        timeout_seconds: longest wait for a cross-node allreduce.
 
     Raises:
-        ConfigError: out-of-range ``period``, ``moving_rate`` or ``evaluate``.
+        ConfigError: an option out of range.
     """
 
     name = "easgd"
+    summary = "Synchronous EASGD (Zhang et al. 2015)."
+    Options = EASGDOptions
     #: Nesterov momentum forced on the optimizer (``eamsgd``); ``None`` leaves it alone.
     momentum: float | None = None
 
-    def __init__(
-        self,
-        groups: ProcessGroups,
-        epochs: int,
-        *,
-        period: int = 1,
-        moving_rate: float | None = None,
-        center_resync_period: int = 100,
-        evaluate: str = "center",
-        wire_dtype: str = "float32",
-        timeout_seconds: float = 300.0,
-    ) -> None:
-        super().__init__(groups, epochs, timeout_seconds)
-        alpha = 0.9 / self.topology.num_nodes if moving_rate is None else moving_rate
-        if period < 1 or not 0 < alpha < 1 or evaluate not in ("center", "worker"):
-            raise ConfigError(
-                f"{self.name}: need period >= 1, 0 < moving_rate < 1 and evaluate center|worker "
-                f"(got period={period}, moving_rate={alpha}, evaluate={evaluate!r})"
-            )
-        self.period, self.alpha = period, alpha
-        self.center_resync_period = center_resync_period
-        self.evaluate = evaluate
-        self.wire_dtype = WIRE_DTYPES[wire_dtype]
+    def __init__(self, groups: ProcessGroups, epochs: int, **options: Any) -> None:
+        super().__init__(groups, epochs, **options)
+        opts = self.options
+        moving_rate = opts.moving_rate
+        self.period = opts.period
+        self.alpha = 0.9 / self.topology.num_nodes if moving_rate is None else moving_rate
+        self.center_resync_period = opts.center_resync_period
+        self.evaluate = opts.evaluate
+        self.wire_dtype = WIRE_DTYPES[opts.wire_dtype]
         self.step = self.elastic_steps = 0
         self.difference = self.difference_sum = None
         self.counters = EpochCounters()
@@ -229,7 +233,7 @@ class EASGDStrategy(Strategy):
             return contextlib.nullcontext()
         return swapped_in(self.state, self.center)
 
-    def epoch_metrics(self) -> dict[str, float]:
+    def window_metrics(self) -> dict[str, float]:
         totals = (self.cross.bytes_sent, self.cross.wait_seconds) if self.cross else (0, 0.0)
         return {
             "global_skips": self.period,
@@ -238,7 +242,7 @@ class EASGDStrategy(Strategy):
             **self.counters.since_last(*totals),
         }
 
-    def end_epoch(self, epoch: int, loss: float) -> None:
+    def end_window(self, epoch: int, loss: float) -> None:
         broadcast_tensors([self.center], src=0)
 
     def state_dict(self) -> dict[str, Any]:
@@ -260,20 +264,18 @@ class EASGDStrategy(Strategy):
 class EAMSGDStrategy(EASGDStrategy):
     """EAMSGD: EASGD with Nesterov momentum ``delta`` on the local step (Algorithm 2).
 
-    Args:
+    Options (:class:`EAMSGDOptions`):
         momentum: delta, Nesterov momentum set on every optimizer parameter group
-            (default 0.99, as in the paper); other arguments as :class:`EASGDStrategy`.
+            (default 0.99, as in the paper); the others as :class:`EASGDStrategy`.
     """
 
     name = "eamsgd"
+    summary = "EASGD with Nesterov momentum."
+    Options = EAMSGDOptions
 
-    def __init__(
-        self, groups: ProcessGroups, epochs: int, *, momentum: float = 0.99, **options: Any
-    ) -> None:
-        if not 0 <= momentum < 1:
-            raise ConfigError(f"eamsgd: momentum must be in [0, 1), got {momentum}")
-        self.momentum = momentum
+    def __init__(self, groups: ProcessGroups, epochs: int, **options: Any) -> None:
         super().__init__(groups, epochs, **options)
+        self.momentum = self.options.momentum
 
     def sync_context(self, batch: int) -> contextlib.AbstractContextManager:
         """Algorithm 2's order: on an elastic step the exchange happens here, before the

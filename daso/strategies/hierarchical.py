@@ -16,7 +16,10 @@ The result equals the gradient ``ddp`` computes, up to float rounding.
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
+from pydantic import Field
 
 from daso.comm import (
     WIRE_DTYPES,
@@ -25,37 +28,34 @@ from daso.comm import (
     broadcast_tensors,
     model_state_tensors,
 )
+from daso.options import StrategyOptions, WireDtype
 from daso.strategies.averaging import shard_sum_link, sum_shards_over_nodes
 from daso.strategies.base import EpochCounters, Strategy, synchronous_metrics
 from daso.topology import ProcessGroups
 
 
+class HierarchicalOptions(StrategyOptions):
+    wire_dtype: WireDtype = Field("float32", description="Wire dtype of gradient shards.")
+
+
 class HierarchicalStrategy(Strategy):
     """Two-level synchronous gradient averaging (see the module docstring).
 
-    Args:
-        groups: the process groups.
-        epochs: total epochs (unused; part of the interface).
+    Options (:class:`HierarchicalOptions`):
         wire_dtype: dtype of the cross-node gradient shards: ``"float32"`` (default, exact),
             ``"bfloat16"`` or ``"float16"``.
-        timeout_seconds: longest wait for a cross-node allreduce.
 
     ``cross_node_bytes`` counts the shard bytes each rank hands to MPI: per step, every node
     hands over the whole gradient once (``P * itemsize`` bytes, split over its ``K`` ranks).
     """
 
     name = "hierarchical"
+    summary = "Node reduce, sharded cross-node allreduce, node allgather."
+    Options = HierarchicalOptions
 
-    def __init__(
-        self,
-        groups: ProcessGroups,
-        epochs: int,
-        *,
-        wire_dtype: str = "float32",
-        timeout_seconds: float = 300.0,
-    ) -> None:
-        super().__init__(groups, epochs, timeout_seconds)
-        self.wire_dtype = WIRE_DTYPES[wire_dtype]
+    def __init__(self, groups: ProcessGroups, epochs: int, **options: Any) -> None:
+        super().__init__(groups, epochs, **options)
+        self.wire_dtype = WIRE_DTYPES[self.options.wire_dtype]
         self.counters = EpochCounters()
         self.cross: CrossNodeSum | None = None
 
@@ -89,11 +89,11 @@ class HierarchicalStrategy(Strategy):
         )
         self.grads.unpack(tensors=grads)
 
-    def epoch_metrics(self) -> dict[str, float]:
+    def window_metrics(self) -> dict[str, float]:
         totals = (self.cross.bytes_sent, self.cross.wait_seconds) if self.cross else (0, 0.0)
         return synchronous_metrics(**self.counters.since_last(*totals))
 
-    def end_epoch(self, epoch: int, loss: float) -> None:
+    def end_window(self, epoch: int, loss: float) -> None:
         # parameters agree everywhere; BatchNorm statistics were only synced inside nodes
         broadcast_tensors(model_state_tensors(self.model), src=0)
 

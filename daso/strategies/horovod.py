@@ -16,8 +16,10 @@ import os
 from typing import Any
 
 import torch
+from pydantic import Field
 
 from daso.errors import ConfigError
+from daso.options import StrategyOptions
 from daso.strategies.base import Strategy, synchronous_metrics
 from daso.topology import ProcessGroups
 
@@ -37,16 +39,23 @@ def import_horovod() -> Any:
     return hvd
 
 
+class HorovodOptions(StrategyOptions):
+    hierarchical_allreduce: bool = Field(
+        False, description="HOROVOD_HIERARCHICAL_ALLREDUCE: reduce inside nodes first."
+    )
+
+
 class HorovodStrategy(Strategy):
     """Synchronous data parallelism through ``horovod.torch.DistributedOptimizer``.
 
-    Args:
-        groups: the process groups (Horovod builds its own communicators over MPI_COMM_WORLD).
-        epochs: total epochs (unused; part of the interface).
+    Horovod builds its own communicators over MPI_COMM_WORLD.
+
+    Options (:class:`HorovodOptions`):
         hierarchical_allreduce: set ``HOROVOD_HIERARCHICAL_ALLREDUCE=1`` before ``hvd.init()``.
-        timeout_seconds: Horovod's stall check: a collective that some rank has not joined
-            for this long shuts Horovod down with an error (``HOROVOD_STALL_CHECK_TIME_SECONDS``
-            and ``HOROVOD_STALL_SHUTDOWN_TIME_SECONDS``, unless already set).
+
+    ``timeout_seconds`` sets Horovod's stall check: a collective that some rank has not joined
+    for this long shuts Horovod down with an error (``HOROVOD_STALL_CHECK_TIME_SECONDS`` and
+    ``HOROVOD_STALL_SHUTDOWN_TIME_SECONDS``, unless already set).
 
     Raises:
         ConfigError: Horovod is not installed (the message says how to build it).
@@ -56,20 +65,15 @@ class HorovodStrategy(Strategy):
     """
 
     name = "horovod"
+    summary = "horovod.torch.DistributedOptimizer (make horovod first)."
+    Options = HorovodOptions
 
-    def __init__(
-        self,
-        groups: ProcessGroups,
-        epochs: int,
-        *,
-        hierarchical_allreduce: bool = False,
-        timeout_seconds: float = 300.0,
-    ) -> None:
-        super().__init__(groups, epochs, timeout_seconds)
+    def __init__(self, groups: ProcessGroups, epochs: int, **options: Any) -> None:
+        super().__init__(groups, epochs, **options)
         self.hvd = import_horovod()
-        if hierarchical_allreduce:
+        if self.options.hierarchical_allreduce:
             os.environ["HOROVOD_HIERARCHICAL_ALLREDUCE"] = "1"
-        stall = str(max(int(timeout_seconds), 1))
+        stall = str(max(int(self.timeout), 1))
         os.environ.setdefault("HOROVOD_STALL_CHECK_TIME_SECONDS", stall)
         os.environ.setdefault("HOROVOD_STALL_SHUTDOWN_TIME_SECONDS", stall)
         self.hvd.init()
@@ -102,11 +106,11 @@ class HorovodStrategy(Strategy):
     def step_context(self) -> contextlib.AbstractContextManager:
         return self.optimizer.skip_synchronize()
 
-    def epoch_metrics(self) -> dict[str, float]:
+    def window_metrics(self) -> dict[str, float]:
         sent, self.bytes_sent = self.bytes_sent, 0
         return synchronous_metrics(sent)
 
-    def end_epoch(self, epoch: int, loss: float) -> None:
+    def end_window(self, epoch: int, loss: float) -> None:
         # BatchNorm statistics are per rank under Horovod; take rank 0's, as DDP does
         buffers = {k: v for k, v in self.model.state_dict().items() if v.is_floating_point()}
         self.hvd.broadcast_parameters(buffers, root_rank=0)

@@ -16,21 +16,28 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+from pydantic import Field
 
 from daso.comm import WIRE_DTYPES, synced_state_tensors
-from daso.errors import ConfigError
+from daso.options import OuterOptimizerOptions, WireDtype
 from daso.strategies.averaging import CrossNodeAverager
 from daso.strategies.base import EpochCounters, Strategy
-from daso.strategies.outer import DEFAULT_OUTER_LR, DEFAULT_OUTER_MOMENTUM, build_outer_optimizer
+from daso.strategies.outer import build_outer_optimizer
 from daso.topology import ProcessGroups
+
+
+class LocalSGDOptions(OuterOptimizerOptions):
+    period: int = Field(4, ge=1, description="Steps between blocking cross-node averages.")
+    warmup_steps: int = Field(0, ge=0, description="First steps that average every step.")
+    wire_dtype: WireDtype = Field(
+        "float32", description="Wire dtype of the model average (differences from the anchor)."
+    )
 
 
 class LocalSGDStrategy(Strategy):
     """Node-local SGD with a blocking cross-node model average every ``period`` steps.
 
-    Args:
-        groups: the process groups.
-        epochs: total epochs (unused; part of the interface).
+    Options (:class:`LocalSGDOptions`):
         period: steps between cross-node averages (H in the paper), >= 1.
         warmup_steps: initial steps that average after every step, >= 0.
         wire_dtype: ``"float32"`` (default), ``"bfloat16"`` or ``"float16"``: dtype of the
@@ -41,37 +48,19 @@ class LocalSGDStrategy(Strategy):
             The warm-up steps' per-step averages take the plain mean.
         outer_lr: outer learning rate (DiLoCo: 0.7).
         outer_momentum: outer Nesterov momentum (DiLoCo: 0.9).
-        timeout_seconds: longest wait for a cross-node allreduce.
 
     The step counter runs across epochs and is part of :meth:`state_dict`.
     """
 
     name = "local_sgd"
+    summary = "Post-local SGD (Lin et al. 2020), hierarchical."
+    Options = LocalSGDOptions
 
-    def __init__(
-        self,
-        groups: ProcessGroups,
-        epochs: int,
-        *,
-        period: int = 4,
-        warmup_steps: int = 0,
-        wire_dtype: str = "float32",
-        outer_optimizer: str = "none",
-        outer_lr: float = DEFAULT_OUTER_LR,
-        outer_momentum: float = DEFAULT_OUTER_MOMENTUM,
-        timeout_seconds: float = 300.0,
-    ) -> None:
-        super().__init__(groups, epochs, timeout_seconds)
-        if period < 1 or warmup_steps < 0:
-            raise ConfigError(
-                f"local_sgd: period must be >= 1 and warmup_steps >= 0 "
-                f"(got period={period}, warmup_steps={warmup_steps})"
-            )
-        self.period = period
-        self.warmup_steps = warmup_steps
-        self.wire_dtype = WIRE_DTYPES[wire_dtype]
-        self.outer_options = (outer_optimizer, outer_lr, outer_momentum)
-        build_outer_optimizer(outer_optimizer, 0, "cpu", outer_lr, outer_momentum)  # validate
+    def __init__(self, groups: ProcessGroups, epochs: int, **options: Any) -> None:
+        super().__init__(groups, epochs, **options)
+        self.period = self.options.period
+        self.warmup_steps = self.options.warmup_steps
+        self.wire_dtype = WIRE_DTYPES[self.options.wire_dtype]
         self.step = 0
         self.counters = EpochCounters()
         self.averager: CrossNodeAverager | None = None
@@ -80,14 +69,13 @@ class LocalSGDStrategy(Strategy):
         self.optimizer = optimizer
         self.model = self.wrap_in_node(model)
         tensors, param_numel = synced_state_tensors(model)
-        name, lr, momentum = self.outer_options
         self.averager = CrossNodeAverager(
             self.groups,
             tensors,
             self.wire_dtype,
             self.timeout,
             param_numel=param_numel,
-            outer=build_outer_optimizer(name, param_numel, self.groups.device, lr, momentum),
+            outer=build_outer_optimizer(self.options, param_numel, self.groups.device),
         )
         return self.model
 
@@ -104,7 +92,7 @@ class LocalSGDStrategy(Strategy):
                 tag=f"local SGD average, step {self.step}",
             )
 
-    def epoch_metrics(self) -> dict[str, float]:
+    def window_metrics(self) -> dict[str, float]:
         return {
             "global_skips": self.period,
             "local_skips": 1,

@@ -16,12 +16,13 @@ class NoCommStrategy(Strategy):
     """Independent training on every rank (the no-communication bound)."""
 
     name = "no_comm"
+    summary = "No communication (benchmark bound; ranks diverge)."
 
     def wrap(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> torch.nn.Module:
         self.model, self.optimizer = model, optimizer
         return model
 
-    def epoch_metrics(self) -> dict[str, float]:
+    def window_metrics(self) -> dict[str, float]:
         return {
             "global_skips": -1,
             "local_skips": -1,

@@ -21,10 +21,8 @@ from typing import Any
 import torch
 
 from daso.errors import ConfigError
+from daso.options import DEFAULT_OUTER_LR, DEFAULT_OUTER_MOMENTUM, OuterOptimizerOptions
 
-#: DiLoCo's outer learning rate and Nesterov momentum (arXiv 2311.08105, section 3).
-DEFAULT_OUTER_LR = 0.7
-DEFAULT_OUTER_MOMENTUM = 0.9
 OUTER_OPTIMIZERS = ("none", "nesterov")
 
 
@@ -83,18 +81,20 @@ class OuterNesterov:
 
 
 def build_outer_optimizer(
-    name: str, numel: int, device: torch.device | str, lr: float, momentum: float
+    options: OuterOptimizerOptions, numel: int, device: torch.device | str
 ) -> OuterNesterov | None:
-    """``None`` for ``"none"`` (the plain average), an :class:`OuterNesterov` for
-    ``"nesterov"``.
+    """``None`` for ``options.outer_optimizer == "none"`` (the plain average), an
+    :class:`OuterNesterov` with ``options.outer_lr`` and ``options.outer_momentum`` over
+    ``numel`` float32 elements for ``"nesterov"``.
 
     Raises:
         ConfigError: an unknown ``name``, or bad ``lr``/``momentum``.
     """
+    name = options.outer_optimizer
     if name not in OUTER_OPTIMIZERS:
         raise ConfigError(
             f"outer_optimizer must be one of {', '.join(OUTER_OPTIMIZERS)}, got {name!r}"
         )
     if name == "none":
         return None
-    return OuterNesterov(numel, device, lr, momentum)
+    return OuterNesterov(numel, device, options.outer_lr, options.outer_momentum)
