@@ -4,6 +4,8 @@ Public entry points (imported lazily, so ``import daso`` does not start MPI)::
 
     daso.load_config(path, overrides)   # typed, validated config
     daso.Trainer(model, optimizer, loss_fn, config).fit(train_set, val_set)
+    daso.Distributed(model, optimizer, "daso", options, steps_per_epoch=N)  # your own loop
+    daso.run(main)                      # the CLI's exit codes for your own script
     daso.init_distributed()             # topology and process groups, if you need them first
 """
 
@@ -18,6 +20,9 @@ _EXPORTS = {
     "Config": "daso.config",
     "load_config": "daso.config",
     "Trainer": "daso.trainer",
+    "Distributed": "daso.distributed",
+    "run": "daso.script",
+    "Preempted": "daso.script",
     "DASOTrainer": "daso.trainer",
     "init_distributed": "daso.topology",
     "detect_topology": "daso.topology",

@@ -13,23 +13,12 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from daso.errors import DasoError
+# Exit codes (see daso.script): 0 success; 1 a failure during the run (a dead or stuck rank,
+# NaN with nan_policy: stop; the other ranks are aborted); 2 bad input (config, data,
+# checkpoint); 75 stopped by SIGTERM/SIGUSR1 after writing a checkpoint (requeue it).
+from daso.errors import EXIT_BAD_INPUT, EXIT_FAILURE, EXIT_OK, EXIT_PREEMPTED  # noqa: F401
 
 log = logging.getLogger("daso.cli")
-
-#: Exit codes: 0 success; 1 a failure during the run (a dead or stuck rank, NaN with
-#: ``nan_policy: stop``; the other ranks are aborted); 2 bad input (config, data, checkpoint);
-#: 75 stopped by SIGTERM/SIGUSR1 after writing a checkpoint (sysexits' EX_TEMPFAIL: requeue it).
-EXIT_OK, EXIT_FAILURE, EXIT_BAD_INPUT, EXIT_PREEMPTED = 0, 1, 2, 75
-
-
-def _launcher_rank() -> int:
-    from daso.topology import read_launcher_env
-
-    try:
-        return read_launcher_env().rank
-    except DasoError:
-        return 0
 
 
 def build_datasets(config: Any) -> tuple[Any, Any]:
@@ -41,6 +30,15 @@ def build_datasets(config: Any) -> tuple[Any, Any]:
     from torch.utils.data import Subset
 
     data = config.data
+    if data.name == "text":
+        from daso.data.text import char_datasets
+
+        train, val, _ = char_datasets(data.root or None, context=data.context)
+        if data.train_subset is not None:
+            train = Subset(train, range(min(data.train_subset, len(train))))
+        if data.val_subset is not None:
+            val = Subset(val, range(min(data.val_subset, len(val))))
+        return train, val
     if data.name == "mnist":
         from daso.data import mnist_datasets
 
@@ -85,6 +83,10 @@ def _data_classes(config: Any, train_set: Any) -> int | None:
     """Classes in the training data: 10 for MNIST, the class folders of an image folder."""
     if config.data.name == "mnist":
         return 10
+    if config.data.name == "text":
+        from daso.data.text import CharVocab, read_text
+
+        return len(CharVocab(read_text(config.data.root or None)))
     classes = getattr(train_set, "classes", None)
     return len(classes) if classes is not None else None
 
@@ -135,21 +137,26 @@ def cmd_train(args: argparse.Namespace) -> int:
     )
     check_writable(config)
     torch.manual_seed(config.trainer.seed)
-    model = build_model(
-        config.model.name,
-        num_classes=config.model.num_classes,
-        **({"width": config.model.width} if config.model.name != "mnist_cnn" else {}),
-    )
+    name = config.model.name
+    if name == "char_transformer":
+        kwargs: dict[str, Any] = {"context": config.data.context}
+    else:
+        kwargs = {"width": config.model.width} if name != "mnist_cnn" else {}
+    model = build_model(name, num_classes=config.model.num_classes, **kwargs)
 
     resume = _checkpoint_to_resume(args.resume, config) if args.resume else None
 
     from daso.trainer import Trainer
 
+    if name == "char_transformer":  # dict batches, loss in nats per character
+        from daso.models.charlm import lm_step
+
+        task: dict[str, Any] = {"loss_fn": None, "step_fn": lm_step, "perplexity": True}
+    else:
+        task = {"loss_fn": torch.nn.functional.cross_entropy}
+    loss_fn = task.pop("loss_fn")
     trainer = Trainer(
-        model,
-        lambda params: build_optimizer(config, params),
-        torch.nn.functional.cross_entropy,
-        config,
+        model, lambda params: build_optimizer(config, params), loss_fn, config, **task
     )
     trainer.stop_at_epoch = args.stop_at_epoch
     try:
@@ -174,12 +181,12 @@ def cmd_train(args: argparse.Namespace) -> int:
         return EXIT_PREEMPTED
     if trainer.rank == 0 and history:
         last = history[-1]
-        log.info(
-            "done: %d epochs, final val accuracy %.4f, metrics in %s",
-            len(history),
-            last["val_accuracy"],
-            trainer.metrics_path,
+        score = (
+            f"final val accuracy {last['val_accuracy']:.4f}"
+            if last.get("val_accuracy") is not None
+            else f"final val loss {last['val_loss']:.4f}"
         )
+        log.info("done: %d epochs, %s, metrics in %s", len(history), score, trainer.metrics_path)
     return EXIT_OK
 
 
@@ -309,35 +316,12 @@ def make_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _abort_world(code: int) -> None:
-    """Take every other rank down with this one, so none waits forever on a dead peer."""
-    if "mpi4py.MPI" in sys.modules:
-        from mpi4py import MPI
-
-        if MPI.Is_initialized() and not MPI.Is_finalized() and MPI.COMM_WORLD.Get_size() > 1:
-            MPI.COMM_WORLD.Abort(code)
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``daso`` console script; returns the exit code."""
     args = make_parser().parse_args(argv)
-    from daso.emulate import EmulationUnavailable
-    from daso.errors import CheckpointError, ConfigError, DataError, TopologyError
-    from daso.log import configure_logging
+    from daso.script import exit_code
 
-    rank = _launcher_rank()
-    configure_logging(rank)
-    try:
-        return args.func(args)
-    except (ConfigError, DataError, TopologyError, CheckpointError, EmulationUnavailable) as err:
-        # Every rank reads the same input and fails the same way: rank 0 says it once.
-        if rank == 0:
-            log.error("%s", err)
-        return EXIT_BAD_INPUT
-    except Exception as err:  # noqa: BLE001 - report it, then stop every rank
-        log.error("rank %d failed: %s: %s", rank, type(err).__name__, err, exc_info=True)
-        _abort_world(EXIT_FAILURE)
-        return EXIT_FAILURE
+    return exit_code(lambda: args.func(args))
 
 
 if __name__ == "__main__":

@@ -29,7 +29,7 @@ from daso.options import Section
 from daso.strategies import STRATEGIES
 
 #: Model names known to :func:`daso.models.build_model` (a test keeps the two in step).
-ModelName = Literal["mnist_cnn", "resnet20", "resnet32", "resnet44", "resnet56"]
+ModelName = Literal["mnist_cnn", "resnet20", "resnet32", "resnet44", "resnet56", "char_transformer"]
 
 
 class ModelConfig(Section):
@@ -39,14 +39,16 @@ class ModelConfig(Section):
 
 
 class DataConfig(Section):
-    name: Literal["mnist", "cifar10", "imagefolder"] = Field(
-        "mnist", description="Data set reader."
+    name: Literal["mnist", "cifar10", "imagefolder", "text"] = Field(
+        "mnist", description="Data set reader (text: characters of a UTF-8 file)."
     )
     root: str | None = Field(
         None,
         description="MNIST: folder with the IDX files (empty = the embedded test split). "
-        "cifar10/imagefolder: folder with train/ and test/ (or a .tar.gz of it).",
+        "cifar10/imagefolder: folder with train/ and test/ (or a .tar.gz of it). "
+        "text: a UTF-8 file (empty = the embedded Tiny Shakespeare).",
     )
+    context: int = Field(128, ge=1, description="text: characters per training sequence.")
     batch_size: int = Field(64, ge=1, description="Training batch size per rank.")
     val_batch_size: int = Field(256, ge=1, description="Evaluation batch size per rank.")
     val_size: int = Field(2000, ge=1, description="MNIST: images held out for validation.")
@@ -64,10 +66,18 @@ class OptimConfig(Section):
     nesterov: bool = Field(False, description="SGD Nesterov momentum.")
     weight_decay: float = Field(0.0, ge=0, description="L2 penalty / decoupled weight decay.")
     scheduler: Literal["none", "cosine", "step", "multistep"] = Field(
-        "none", description="LR schedule, stepped once per epoch."
+        "none", description="LR schedule, stepped as scheduler_interval says."
     )
-    step_size: int = Field(30, ge=1, description="step: epochs between LR drops.")
-    milestones: list[int] = Field(default_factory=list, description="multistep: drop epochs.")
+    scheduler_interval: Literal["epoch", "step"] = Field(
+        "epoch", description="Step the LR schedule once per epoch or per optimizer step."
+    )
+    warmup_steps: int = Field(
+        0, ge=0, description="Linear LR warm-up steps before the schedule (interval step)."
+    )
+    step_size: int = Field(30, ge=1, description="step: epochs (or steps) between LR drops.")
+    milestones: list[int] = Field(
+        default_factory=list, description="multistep: drop epochs (or steps)."
+    )
     gamma: float = Field(0.1, gt=0, le=1, description="step/multistep: LR factor per drop.")
 
 
@@ -82,6 +92,15 @@ class TrainerConfig(Section):
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto = CUDA if present.")
     amp: bool = Field(False, description="Autocast: bfloat16 on CPU, float16 + GradScaler on CUDA.")
     grad_clip_norm: float | None = Field(None, gt=0, description="Clip gradient 2-norm to this.")
+    accumulate_steps: int = Field(
+        1, ge=1, description="Micro-batches per optimizer step (gradient accumulation)."
+    )
+    steps_per_epoch: int | None = Field(
+        None,
+        ge=1,
+        description="Optimizer steps per epoch: required for an IterableDataset, a cap for "
+        "a sized one (empty = the whole data set).",
+    )
     num_threads: int | None = Field(None, ge=1, description="torch.set_num_threads per rank.")
     progress: bool = Field(True, description="tqdm progress bar on rank 0.")
     timeout_seconds: float = Field(
@@ -167,18 +186,30 @@ class Config(Section):
                     "strategy.window_steps is set); lower them, train longer, or set "
                     "strategy.window_steps"
                 )
-        if self.data.name != "mnist" and not self.data.root:
+        if self.data.name in ("cifar10", "imagefolder") and not self.data.root:
             raise ValueError(
                 f"data.root is required for data.name={self.data.name!r}; set it to the folder "
                 "holding train/ and test/ (or a .tar.gz of it)"
             )
         self._check_model_matches_data()
         self._check_milestones()
+        if self.optim.warmup_steps and self.optim.scheduler_interval != "step":
+            raise ValueError(
+                f"optim.warmup_steps ({self.optim.warmup_steps}) counts optimizer steps but "
+                "optim.scheduler_interval is 'epoch'; set optim.scheduler_interval=step"
+            )
         return self
 
     def _check_model_matches_data(self) -> None:
         """``mnist_cnn`` reads 1-channel 28x28 MNIST; the ResNets read 3-channel images."""
         model, data = self.model.name, self.data.name
+        if (model == "char_transformer") != (data == "text"):
+            raise ValueError(
+                f"model.name {model!r} and data.name {data!r} do not fit: char_transformer "
+                "reads data.name: text, and text feeds only char_transformer"
+            )
+        if data == "text":
+            return
         if model == "mnist_cnn" and data != "mnist":
             raise ValueError(
                 f"model.name 'mnist_cnn' takes 1-channel 28x28 MNIST images but data.name is "
@@ -208,7 +239,7 @@ class Config(Section):
                 "epoch once, in order"
             )
         outside = [m for m in milestones if not 1 <= m < epochs]
-        if outside:
+        if outside and optim.scheduler_interval == "epoch":
             raise ValueError(
                 f"optim.milestones {milestones}: {outside} outside 1..{epochs - 1} (trainer.epochs "
                 f"is {epochs}), so the LR would never drop there; use drop epochs in "

@@ -6,6 +6,10 @@ tell the project's own failures from bugs.
 
 from __future__ import annotations
 
+#: Process exit codes of ``daso train`` and :func:`daso.run`: success, a failure during the run,
+#: bad input, stopped early after a checkpoint (sysexits' EX_TEMPFAIL: requeue the job).
+EXIT_OK, EXIT_FAILURE, EXIT_BAD_INPUT, EXIT_PREEMPTED = 0, 1, 2, 75
+
 
 class DasoError(Exception):
     """Base class of every error raised on purpose by daso."""

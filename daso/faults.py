@@ -29,6 +29,22 @@ log = logging.getLogger(__name__)
 PREEMPTION_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 
 
+#: Why a training run in this process stopped early with a checkpoint (a signal's name, or
+#: ``stop_at_epoch=N``), or ``None``; :func:`daso.run` turns it into exit code 75.
+_preempted: str | None = None
+
+
+def record_preemption(reason: str) -> None:
+    """Note that a run stopped early after writing a checkpoint (see :func:`preempted`)."""
+    global _preempted
+    _preempted = reason
+
+
+def preempted() -> str | None:
+    """Why a run in this process stopped early with a checkpoint, or ``None``."""
+    return _preempted
+
+
 class PreemptionSignals:
     """While installed, SIGTERM and SIGUSR1 set :attr:`received` instead of killing the process.
 

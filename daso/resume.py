@@ -33,10 +33,15 @@ class Checkpointing:
             "batch": self.batch,
             "model": unwrap(self.model).state_dict(),
             "optimizer": self.optimizer.state_dict(),
-            "lr_scheduler": self.lr_scheduler.state_dict() if self.lr_scheduler else None,
+            "lr_scheduler": self._scheduler_state_dict(),
             "scaler": self.scaler.state_dict(),
             "strategy": self.strategy.state_dict(),
         }
+
+    def _scheduler_state_dict(self) -> dict[str, Any] | None:
+        if self.lr_scheduler is not None:
+            return self.lr_scheduler.state_dict()
+        return self._scheduler_state  # loaded, not yet applied (before fit)
 
     def _model_signature(self) -> list[tuple[str, list[int]]]:
         return [(k, list(v.shape)) for k, v in unwrap(self.model).state_dict().items()]
@@ -54,9 +59,7 @@ class Checkpointing:
             CheckpointError: rank 0 could not write the file (older checkpoints are intact).
         """
         self._operation = f"checkpoint at epoch {self.epoch} batch {self.batch}"
-        self.guard.check()
-        if self.batch:
-            self._take_partial_metrics()
+        dist_state = self.dist.state_dict()  # checks deferred NaNs, folds window counters
         path = self.checkpoint_dir / ckpt.checkpoint_name(self.epoch, self.batch)
         meta = {
             "model": self.config.model.name,
@@ -69,16 +72,17 @@ class Checkpointing:
         }
         shared = {
             "history": self.history,
-            "lr_scheduler": self.lr_scheduler.state_dict() if self.lr_scheduler else None,
-            "scaler": self.scaler.state_dict(),
+            "lr_scheduler": self._scheduler_state_dict(),
+            "scaler": dist_state["scaler"],
             "config": self.config.model_dump(mode="json"),
+            "windows": self.windows,
         }
         own = {
             "model": unwrap(self.model).state_dict(),
             "optimizer": self.optimizer.state_dict(),
-            "strategy": self.strategy.state_dict(),
+            "strategy": dist_state["strategy"],
         }
-        extra = {"rng": ckpt.capture_rng_state(), "partial": dict(self.partial)}
+        extra = {"rng": ckpt.capture_rng_state(), "partial": dist_state["partial"]}
         ckpt.gather_and_save(
             path, meta, shared, own, extra, self.config.checkpoint.keep, self.groups.world_group
         )
@@ -133,16 +137,21 @@ class Checkpointing:
         state = ckpt.rank_state(checkpoint, self.rank if exact else 0, self.device)
         unwrap(self.model).load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
-        self.strategy.load_state_dict(state["strategy"])
         shared = checkpoint["shared"]
-        if self.lr_scheduler is not None and shared["lr_scheduler"] is not None:
-            self.lr_scheduler.load_state_dict(shared["lr_scheduler"])
-        self.scaler.load_state_dict(shared["scaler"])
-        self.history = list(shared["history"])
         self.epoch, self.batch = int(meta["epoch"]), int(meta["batch"])
+        extra = ckpt.rank_extra(checkpoint, self.rank) if exact else {}
+        self.dist.load_state_dict(
+            {
+                "strategy": state["strategy"],
+                "step": 0,  # fit() sets it from epoch and batch, once it knows the epoch length
+                "partial": extra.get("partial", {}),
+                "scaler": shared["scaler"],
+            }
+        )
+        self._scheduler_state = shared["lr_scheduler"]
+        self.history = list(shared["history"])
+        self.windows = list(shared.get("windows", []))
         if exact:
-            extra = ckpt.rank_extra(checkpoint, self.rank)
-            self.partial = dict(extra["partial"])
             self._resumed_rng = extra["rng"]
         else:
             log.warning(

@@ -1,7 +1,8 @@
 """The training loop users call: wrap a model, ``fit`` it, read the metrics.
 
-The trainer owns the loop contract (epochs, samplers, the strategy's hooks, the last batch of
-an epoch), so user code never has to tell a strategy where an epoch ends.
+:class:`Trainer` is the loop around :class:`daso.Distributed` (the step-level API): epochs,
+samplers, validation, checkpoints, the stop vote. Any task: batches of any structure, a loss
+given as ``loss_fn(output, target)`` or as ``step_fn(model, batch)``, metrics of the user's.
 
 Example (run under ``mpiexec -n 4`` with ``DASO_RANKS_PER_NODE=2``, or as one process)::
 
@@ -20,8 +21,6 @@ Example (run under ``mpiexec -n 4`` with ``DASO_RANKS_PER_NODE=2``, or as one pr
 
 from __future__ import annotations
 
-import contextlib
-import datetime
 import itertools
 import json
 import logging
@@ -34,17 +33,25 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.distributed as dist
-from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler, Subset
+from torch.utils.data import (
+    DataLoader,
+    Dataset,
+    DistributedSampler,
+    IterableDataset,
+    Sampler,
+    Subset,
+)
 from tqdm import tqdm
 
 from daso import checkpoint as ckpt
-from daso.comm import allreduce_sum, broadcast_tensors, model_state_tensors, unwrap
-from daso.comm.control import Heartbeat, NodeStopVote, StopVote
-from daso.errors import CommTimeoutError, DasoError, PeerFailureError
-from daso.faults import NonFiniteGuard, PreemptionSignals, describe_peer_failure
+from daso.comm import allreduce_sum, unwrap
+from daso.comm.control import ControlPlane
+from daso.data.batches import RankShard, batch_size, move_to, split_pair
+from daso.distributed import Distributed
+from daso.errors import CommTimeoutError, ConfigError, DasoError, PeerFailureError
+from daso.faults import PreemptionSignals, describe_peer_failure, record_preemption
 from daso.log import configure_logging
 from daso.resume import Checkpointing
-from daso.strategies import build_strategy
 from daso.topology import ProcessGroups, init_distributed, shutdown_distributed
 
 if TYPE_CHECKING:  # the config layer sits above the trainer; only its type is needed here
@@ -52,7 +59,11 @@ if TYPE_CHECKING:  # the config layer sits above the trainer; only its type is n
 
 log = logging.getLogger(__name__)
 
-LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+LossFn = Callable[[Any, Any], torch.Tensor]
+#: ``step_fn(model, batch) -> loss`` or ``-> (loss, output)``.
+StepFn = Callable[[torch.nn.Module, Any], Any]
+#: ``metrics_fn(output, batch) -> {name: mean over the batch}``.
+MetricsFn = Callable[[Any, Any], dict[str, float]]
 OptimizerLike = (
     torch.optim.Optimizer | Callable[[Iterable[torch.nn.Parameter]], torch.optim.Optimizer]
 )
@@ -61,20 +72,43 @@ SchedulerLike = (
     | Callable[[torch.optim.Optimizer], torch.optim.lr_scheduler.LRScheduler]
     | None
 )
+#: Window metrics that add up over an epoch's windows (the rest: the last window's value).
+ADDITIVE_METRICS = (
+    "cross_node_bytes",
+    "comm_wait_seconds",
+    "skipped_steps",
+    "sends",
+    "merges",
+    "blocking_averages",
+    "averages",
+    "exchanges",
+)
 
 
 def scheduler_from_config(
-    optimizer: torch.optim.Optimizer, optim: Any, epochs: int
+    optimizer: torch.optim.Optimizer, optim: Any, epochs: int, steps_per_epoch: int
 ) -> torch.optim.lr_scheduler.LRScheduler | None:
-    """The LR scheduler named by the ``optim`` config section (stepped once per epoch)."""
+    """The LR scheduler the ``optim`` config section names, counting epochs or optimizer
+    steps as ``optim.scheduler_interval`` says (``step_size`` and ``milestones`` in that unit),
+    after ``optim.warmup_steps`` steps of linear warm-up (step interval only)."""
     lr = torch.optim.lr_scheduler
+    per_step = optim.scheduler_interval == "step"
+    length = epochs * steps_per_epoch if per_step else epochs
+    warmup = optim.warmup_steps if per_step else 0
     if optim.scheduler == "cosine":
-        return lr.CosineAnnealingLR(optimizer, T_max=epochs)
-    if optim.scheduler == "step":
-        return lr.StepLR(optimizer, step_size=optim.step_size, gamma=optim.gamma)
-    if optim.scheduler == "multistep":
-        return lr.MultiStepLR(optimizer, milestones=list(optim.milestones), gamma=optim.gamma)
-    return None
+        main = lr.CosineAnnealingLR(optimizer, T_max=max(length - warmup, 1))
+    elif optim.scheduler == "step":
+        main = lr.StepLR(optimizer, step_size=optim.step_size, gamma=optim.gamma)
+    elif optim.scheduler == "multistep":
+        main = lr.MultiStepLR(optimizer, milestones=list(optim.milestones), gamma=optim.gamma)
+    elif warmup:
+        main = lr.ConstantLR(optimizer, factor=1.0, total_iters=0)
+    else:
+        return None
+    if not warmup:
+        return main
+    ramp = lr.LinearLR(optimizer, start_factor=1.0 / warmup, total_iters=warmup)
+    return lr.SequentialLR(optimizer, [ramp, main], milestones=[warmup])
 
 
 class ResumableSampler(Sampler[int]):
@@ -101,58 +135,93 @@ def _signal_name(signum: int) -> str:
     return signal.Signals(signum).name if signum else "a signal on another rank"
 
 
-def _empty_partial() -> dict[str, float]:
-    """This rank's running totals of an epoch in progress."""
-    return {
-        "loss_sum": 0.0,
-        "samples": 0,
-        "cross_node_bytes": 0,
-        "comm_wait_seconds": 0.0,
-        "skipped_steps": 0,
-    }
+def _accuracy_applies(output: Any, target: Any) -> bool:
+    """Accuracy is counted only for logits ``[B, C]`` against integer classes ``[B]``."""
+    return (
+        isinstance(output, torch.Tensor)
+        and isinstance(target, torch.Tensor)
+        and output.dim() == 2
+        and output.is_floating_point()
+        and target.dim() == 1
+        and not target.is_floating_point()
+        and output.shape[0] == target.shape[0]
+    )
+
+
+def epoch_row(windows: list[dict[str, Any]]) -> dict[str, Any]:
+    """One epoch's metrics from its windows' rows: the loss over all of them, the additive
+    counters summed, the schedule's knobs as in the last window; ``windows`` itself when
+    there is more than one."""
+    row = {k: v for k, v in windows[-1].items() if k not in ("window", "loss_sum", "samples")}
+    if len(windows) > 1:
+        samples = sum(w["samples"] for w in windows)
+        row["train_loss"] = sum(w["loss_sum"] for w in windows) / max(samples, 1)
+        for key in ADDITIVE_METRICS:
+            if key in row:
+                row[key] = sum(w[key] for w in windows)
+        row["windows"] = [
+            {k: v for k, v in w.items() if k not in ("loss_sum", "samples")} for w in windows
+        ]
+    return row
 
 
 class Trainer(Checkpointing):
     """Data-parallel training of ``model`` with the strategy the config names (DASO by default).
 
     Args:
-        model: the user's ``torch.nn.Module``; rank 0's parameters and buffers are broadcast
-            to every rank (so pretrained weights survive), nothing is re-initialised.
+        model: the user's ``torch.nn.Module`` (its output may be a tensor, a tuple or a dict);
+            rank 0's parameters and buffers are broadcast to every rank (so pretrained weights
+            survive), nothing is re-initialised.
         optimizer: an optimizer over ``model``'s parameters, or a factory
             ``params -> optimizer``.
-        loss_fn: ``loss_fn(output, target) -> scalar tensor`` with mean reduction, e.g.
-            ``torch.nn.functional.cross_entropy`` on ``output[B, C]`` float and ``target[B]``
-            int64.
+        loss_fn: ``loss_fn(output, target) -> scalar tensor`` (mean over the batch) for
+            ``(inputs, target)`` batches, e.g. ``torch.nn.functional.cross_entropy`` on
+            ``output[B, C]`` float and ``target[B]`` int64; ``None`` with ``step_fn``.
         config: a :class:`daso.config.Config` (from :func:`daso.load_config`).
-        lr_scheduler: an LR scheduler, or a factory ``optimizer -> scheduler``, stepped once
-            per epoch; default: the one ``config.optim.scheduler`` names.
+        lr_scheduler: an LR scheduler, or a factory ``optimizer -> scheduler``, stepped per
+            epoch or per optimizer step (``optim.scheduler_interval``); default: the one
+            ``config.optim`` names.
         groups: process groups from :func:`daso.topology.init_distributed` (default: created
             here from the launcher's environment).
+        step_fn: ``step_fn(model, batch) -> loss`` or ``-> (loss, output)``, for batches of
+            any structure (dicts, nested tuples); used for training and validation.
+        metrics_fn: ``metrics_fn(output, batch) -> {name: mean over the batch}``, validation
+            metrics reported as ``val_<name>`` (weighted by batch size over all ranks).
+        perplexity: also report ``val_perplexity = exp(val_loss)`` (a loss in nats per token).
 
     Attributes:
-        epoch: epochs completed; ``batch``: batches done of the next (after a mid-epoch resume).
+        epoch: epochs completed; ``batch``: micro-batches done of the next (mid-epoch resume).
         history: the per-epoch metric rows (see :meth:`fit`).
+        dist: the :class:`~daso.distributed.Distributed` the loop steps (``model``,
+            ``optimizer``, ``strategy`` are its).
         checkpoint_dir: where :meth:`save_checkpoint` writes (``config.checkpoint_folder()``).
         stop_at_epoch: set to stop (checkpoint, :attr:`stopped`) after that many epochs.
         stopped: why :meth:`fit` returned before the last epoch (a signal's name), or ``None``.
-        heartbeat, stop_vote: the control traffic (:mod:`daso.comm.control`).
+        control: heartbeats and the stop vote (:class:`~daso.comm.control.ControlPlane`).
 
     Resume with :meth:`resume` before :meth:`fit`; see :mod:`daso.resume`.
 
     Raises:
         TopologyError: the launcher's environment describes an impossible cluster.
-        ConfigError: the strategy's options are inconsistent.
+        ConfigError: the strategy's options are inconsistent, or neither ``loss_fn`` nor
+            ``step_fn`` is given.
     """
 
     def __init__(
         self,
         model: torch.nn.Module,
         optimizer: OptimizerLike,
-        loss_fn: LossFn,
+        loss_fn: LossFn | None,
         config: Config,
         lr_scheduler: SchedulerLike = None,
         groups: ProcessGroups | None = None,
+        *,
+        step_fn: StepFn | None = None,
+        metrics_fn: MetricsFn | None = None,
+        perplexity: bool = False,
     ) -> None:
+        if (loss_fn is None) == (step_fn is None):
+            raise ConfigError("Trainer: give exactly one of loss_fn and step_fn")
         self.config = config
         tcfg = config.trainer
         if tcfg.num_threads:
@@ -163,116 +232,136 @@ class Trainer(Checkpointing):
         self.rank = self.topology.rank
         configure_logging(self.rank)
         self.device = self.groups.device
-        self.loss_fn = loss_fn
-        model.to(self.device)
-        broadcast_tensors(model_state_tensors(model), src=0)
-        self.module = model
-        if isinstance(optimizer, torch.optim.Optimizer):
-            self.optimizer = optimizer
-        else:
-            self.optimizer = optimizer(model.parameters())
-        self.strategy = build_strategy(
+        self.loss_fn, self.step_fn, self.metrics_fn = loss_fn, step_fn, metrics_fn
+        self.perplexity = perplexity
+        if not isinstance(optimizer, torch.optim.Optimizer):
+            optimizer = optimizer(model.parameters())
+        self.dist = Distributed(
+            model,
+            optimizer,
             config.strategy.name,
-            self.groups,
-            tcfg.epochs,
             config.strategy_options(),
+            steps_per_epoch=None,
+            epochs=tcfg.epochs,
+            accumulate_steps=tcfg.accumulate_steps,
+            grad_clip_norm=tcfg.grad_clip_norm,
+            amp=tcfg.amp,
+            nan_policy=tcfg.nan_policy,
+            deterministic=tcfg.deterministic,
             timeout_seconds=tcfg.timeout_seconds,
+            groups=self.groups,
+            preemption=False,
         )
-        if tcfg.deterministic:
-            torch.use_deterministic_algorithms(True, warn_only=True)
-        self.strategy.deterministic = tcfg.deterministic
-        self.model = self.strategy.wrap(model, self.optimizer)
-        self.optimizer = self.strategy.optimizer  # the same object, or the strategy's wrapper
-        if lr_scheduler is None:
-            self.lr_scheduler = scheduler_from_config(self.optimizer, config.optim, tcfg.epochs)
-        elif isinstance(lr_scheduler, torch.optim.lr_scheduler.LRScheduler):
-            self.lr_scheduler = lr_scheduler
-        else:
-            self.lr_scheduler = lr_scheduler(self.optimizer)
-        cuda = self.device.type == "cuda"
-        self.amp_dtype = torch.float16 if cuda else torch.bfloat16
-        self.scaler = torch.amp.GradScaler("cuda", enabled=tcfg.amp and cuda)
+        self._scheduler_arg = lr_scheduler
+        self.lr_scheduler: torch.optim.lr_scheduler.LRScheduler | None = None
+        self._scheduler_state: dict[str, Any] | None = None  # loaded before fit builds it
         self.epoch = 0
+        self.batch = 0  # micro-batches of ``self.epoch`` already trained (mid-epoch resume)
+        self.windows: list[dict[str, Any]] = []  # the current epoch's closed windows
         self.history: list[dict[str, Any]] = []
         self.output_dir = Path(tcfg.output_dir or "runs/default")
         self.metrics_path = self.output_dir / "metrics.jsonl"
         self.checkpoint_dir = config.checkpoint_folder()
-        self.batch = 0  # batches of ``self.epoch`` already trained (after a mid-epoch resume)
-        self.partial = _empty_partial()
-        self.guard = NonFiniteGuard(tcfg.nan_policy, self.device, self.rank)
         self.stopped: str | None = None  # why the run stopped before its last epoch
         self.stop_at_epoch: int | None = None  # stop (with a checkpoint) after this many epochs
         self._resumed_rng: dict[str, Any] | None = None
         self._resumed = False
         self._stop_requested = False
-        self._operation = "setup"
-        self.heartbeat, self.stop_vote = self._control(tcfg.timeout_seconds)
-
-    def _control(self, timeout: float) -> tuple[Heartbeat | None, StopVote | NodeStopVote]:
-        """Heartbeats and the stop vote, over Gloo groups of their own (one per node, one of the
-        node leaders): a per-batch vote for strategies in lockstep, a store-based one (nodes
-        never wait for each other during an epoch) for those whose nodes run on their own
-        clocks."""
-        topo = self.topology
-        self._control_groups: list[Any] = []
-        if topo.world_size == 1:
-            return None, StopVote(None, None, True, timeout)
-        delta = datetime.timedelta(seconds=timeout)
-        nodes = [topo.ranks_on_node(n) for n in range(topo.num_nodes)]
-        node, _ = dist.new_subgroups_by_enumeration(nodes, timeout=delta, backend="gloo")
-        leaders = dist.new_group([r[0] for r in nodes], timeout=delta, backend="gloo")
-        self._control_groups = [node, leaders] if topo.local_rank == 0 else [node]
-        node = node if topo.local_world_size > 1 else None
-        leaders = leaders if topo.local_rank == 0 and topo.num_nodes > 1 else None
-        address = self.groups.store_address
-        heartbeat = Heartbeat(*address, self.rank, topo.world_size) if address else None
-        if self.strategy.lockstep or heartbeat is None:
-            return heartbeat, StopVote(node, leaders, topo.local_rank == 0, timeout)
-        if self.config.checkpoint.every_batches:
+        self.control = ControlPlane(self.groups, self.strategy.lockstep, tcfg.timeout_seconds)
+        if not self.control.lockstep and config.checkpoint.every_batches:
             log.warning(
                 "checkpoint.every_batches is ignored by %s: its nodes run on their own clocks, "
                 "so checkpoints are taken at epoch ends (and on SIGTERM/SIGUSR1)",
                 self.strategy.name,
             )
-        return heartbeat, NodeStopVote(node, leaders, heartbeat, timeout)
+
+    # -- what the loop steps -------------------------------------------------------------------
+    @property
+    def model(self) -> torch.nn.Module:
+        return self.dist.model
+
+    @property
+    def module(self) -> torch.nn.Module:
+        return self.dist.module
+
+    @property
+    def optimizer(self) -> torch.optim.Optimizer:
+        return self.dist.optimizer
+
+    @property
+    def strategy(self) -> Any:
+        return self.dist.strategy
+
+    @property
+    def scaler(self) -> torch.amp.GradScaler:
+        return self.dist.scaler
+
+    @property
+    def _operation(self) -> str:
+        return self.dist.operation
+
+    @_operation.setter
+    def _operation(self, value: str) -> None:
+        self.dist.operation = value
 
     # -- data ----------------------------------------------------------------------------------
-    def _train_loader(self, dataset: Dataset) -> DataLoader:
-        world = self.topology.world_size
+    def _train_loader(self, dataset: Dataset) -> tuple[DataLoader, int]:
+        """This rank's loader and the epoch's length in optimizer steps."""
+        world, data, tcfg = self.topology.world_size, self.config.data, self.config.trainer
+        workers = {"num_workers": data.num_workers, "pin_memory": self.device.type == "cuda"}
+        if isinstance(dataset, IterableDataset):
+            if tcfg.steps_per_epoch is None:
+                raise ConfigError(
+                    "the training set is an IterableDataset without a length; set "
+                    "trainer.steps_per_epoch to the optimizer steps of an epoch"
+                )
+            shard = RankShard(dataset, self.rank, world)
+            return DataLoader(shard, batch_size=data.batch_size, **workers), tcfg.steps_per_epoch
         if len(dataset) < world:
             raise ValueError(
                 f"the training set has {len(dataset)} samples, fewer than the {world} ranks; "
                 "use more data or fewer ranks"
             )
         sampler = DistributedSampler(
-            dataset,
-            num_replicas=world,
-            rank=self.rank,
-            shuffle=True,
-            seed=self.config.trainer.seed,
+            dataset, num_replicas=world, rank=self.rank, shuffle=True, seed=tcfg.seed,
             drop_last=True,
+        )  # fmt: skip
+        loader = DataLoader(
+            dataset, batch_size=data.batch_size, sampler=ResumableSampler(sampler), **workers
         )
-        return DataLoader(
-            dataset,
-            batch_size=self.config.data.batch_size,
-            sampler=ResumableSampler(sampler),
-            num_workers=self.config.data.num_workers,
-            pin_memory=self.device.type == "cuda",
-        )
+        steps = math.ceil(len(sampler) / data.batch_size) // tcfg.accumulate_steps
+        if tcfg.steps_per_epoch is not None:
+            steps = min(steps, tcfg.steps_per_epoch)
+        if steps < 1:
+            raise ConfigError(
+                f"an epoch has fewer batches per rank than trainer.accumulate_steps "
+                f"({tcfg.accumulate_steps}); lower it or data.batch_size"
+            )
+        return loader, steps
 
     def _val_loader(self, dataset: Dataset) -> DataLoader:
-        shard = Subset(dataset, range(self.rank, len(dataset), self.topology.world_size))
-        return DataLoader(
-            shard,
-            batch_size=self.config.data.val_batch_size,
-            shuffle=False,
-            num_workers=self.config.data.num_workers,
-        )
+        world = self.topology.world_size
+        if isinstance(dataset, IterableDataset):
+            shard: Dataset = RankShard(dataset, self.rank, world)
+        else:
+            shard = Subset(dataset, range(self.rank, len(dataset), world))
+        data = self.config.data
+        return DataLoader(shard, batch_size=data.val_batch_size, num_workers=data.num_workers)
 
-    def _autocast(self) -> contextlib.AbstractContextManager:
-        return torch.autocast(
-            self.device.type, dtype=self.amp_dtype, enabled=self.config.trainer.amp
-        )
+    def _build_scheduler(self, steps_per_epoch: int) -> None:
+        arg, optim = self._scheduler_arg, self.config.optim
+        if isinstance(arg, torch.optim.lr_scheduler.LRScheduler):
+            self.lr_scheduler = arg
+        elif arg is not None:
+            self.lr_scheduler = arg(self.optimizer)
+        else:
+            epochs = self.config.trainer.epochs
+            self.lr_scheduler = scheduler_from_config(
+                self.optimizer, optim, epochs, steps_per_epoch
+            )
+        if self.lr_scheduler is not None and self._scheduler_state is not None:
+            self.lr_scheduler.load_state_dict(self._scheduler_state)
+        self._scheduler_state = None
 
     # -- loop ----------------------------------------------------------------------------------
     def fit(
@@ -282,30 +371,40 @@ class Trainer(Checkpointing):
         ``val_dataset``. After :meth:`resume`, continues where the checkpoint stopped; with
         :attr:`stop_at_epoch` set, stops (after a checkpoint) once that many epochs are done.
 
-        Every rank must call it with the same datasets (each reads its own shard). Samples are
-        ``(input, target)`` pairs; batches are moved to the trainer's device. Checkpoints are
-        written as the ``checkpoint`` config section says; SIGTERM or SIGUSR1 on any rank makes
-        all ranks stop after the same batch, write a checkpoint and return early with
-        :attr:`stopped` saying why.
+        Every rank must call it with the same datasets (each reads its own shard: a sampler's
+        for a sized dataset, every ``world_size``-th item of an ``IterableDataset``, which is
+        re-iterated when it ends before ``trainer.steps_per_epoch`` steps). Batches are moved
+        to the device whatever their structure. Checkpoints are written as the ``checkpoint``
+        config section says; SIGTERM or SIGUSR1 on any rank makes all ranks stop after the
+        same step, write a checkpoint and return early with :attr:`stopped` saying why.
 
         Returns:
             One dict per epoch (also appended by rank 0 to ``<output_dir>/metrics.jsonl``):
-            ``epoch``, ``train_loss``, ``val_loss``, ``val_accuracy`` (fraction in [0, 1]),
-            ``global_skips``, ``local_skips``, ``batches_to_wait``, ``cross_node_bytes``
-            (bytes handed to cross-node collectives this epoch, summed over ranks),
-            ``comm_wait_seconds`` (mean over ranks), ``skipped_steps`` (non-finite steps
-            skipped, summed over ranks), ``train_seconds`` (the epoch's training loop, without
-            evaluation), ``epoch_seconds``, ``wall_seconds`` (since the run first started),
-            ``lr``, ``strategy``.
+            ``epoch``, ``train_loss``, ``val_loss``, ``val_accuracy`` (fraction in [0, 1],
+            only for logits ``[B, C]`` against integer targets ``[B]``, else ``None``),
+            ``val_<name>`` for each metric of ``metrics_fn``, the strategy's metrics (e.g.
+            DASO's ``phase``, ``global_skips``, ``local_skips``, ``batches_to_wait``, ``sends``,
+            ``merges``), ``cross_node_bytes`` (bytes handed to cross-node collectives this
+            epoch, summed over ranks), ``comm_wait_seconds`` (mean over ranks),
+            ``skipped_steps`` (non-finite steps skipped, summed over ranks), ``train_seconds``,
+            ``epoch_seconds``, ``wall_seconds`` (since the run first started), ``lr``,
+            ``strategy``, and ``windows`` (each window's row) when an epoch has several.
 
         Raises:
             ValueError: fewer training samples than ranks.
+            ConfigError: an IterableDataset without ``trainer.steps_per_epoch``, or a schedule
+                that does not fit the run's windows.
             NumericalError: a NaN/Inf loss or gradient with ``trainer.nan_policy: stop``.
             PeerFailureError: a collective failed or timed out because a rank died or hangs.
             CheckpointError: rank 0 could not write a checkpoint, or the ranks resumed
                 different checkpoints (checked before the first batch).
         """
-        loader = self._train_loader(train_dataset)
+        loader, steps_per_epoch = self._train_loader(train_dataset)
+        self.dist.set_steps_per_epoch(steps_per_epoch)
+        self.dist.step_count = (
+            self.epoch * steps_per_epoch + self.batch // self.dist.accumulate_steps
+        )
+        self._build_scheduler(steps_per_epoch)
         val_loader = self._val_loader(val_dataset) if val_dataset is not None else None
         if self.rank == 0:
             self.output_dir.mkdir(parents=True, exist_ok=True)
@@ -321,6 +420,8 @@ class Trainer(Checkpointing):
             except (RuntimeError, TimeoutError) as err:
                 self._raise_if_peer_failure(err)
                 raise
+        if self.stopped:
+            record_preemption(self.stopped)
         return self.history
 
     def _raise_if_peer_failure(self, err: BaseException) -> None:
@@ -330,7 +431,7 @@ class Trainer(Checkpointing):
         if isinstance(err, DasoError) and not isinstance(err, CommTimeoutError):
             return
         comm_error = isinstance(err, (dist.DistError, CommTimeoutError))
-        silent = self.heartbeat.silent_ranks() if self.heartbeat is not None else None
+        silent = self.control.silent_ranks()
         if comm_error or silent:
             message = describe_peer_failure(self.rank, self._operation, err, silent)
             raise PeerFailureError(message) from err
@@ -348,20 +449,16 @@ class Trainer(Checkpointing):
             self.stopped = _signal_name(signals.received)
             self.save_checkpoint()
             return
-        train_loss, metrics = self._close_epoch(epoch)
-        row: dict[str, Any] = {
-            "epoch": epoch,
-            "train_loss": train_loss,
-            "train_seconds": time.perf_counter() - begin,
-        }
+        row: dict[str, Any] = {"epoch": epoch, **epoch_row(self.windows)}
+        row["train_seconds"] = time.perf_counter() - begin
+        self.windows = []
         self._operation = f"epoch {epoch}: validation"
         if val_loader is not None:
-            row["val_loss"], row["val_accuracy"] = self._evaluate(val_loader)
+            row.update(self._evaluate(val_loader))
         else:
             row["val_loss"] = row["val_accuracy"] = None
-        row.update(metrics)
         row["lr"] = self.optimizer.param_groups[0]["lr"]
-        if self.lr_scheduler is not None:
+        if self.lr_scheduler is not None and self.config.optim.scheduler_interval == "epoch":
             self.lr_scheduler.step()
         row["epoch_seconds"] = time.perf_counter() - begin
         row["wall_seconds"] = time.perf_counter() - start
@@ -370,8 +467,10 @@ class Trainer(Checkpointing):
         self.history.append(row)
         self._report(row)
         self._operation = f"epoch {epoch}: stop vote"
-        # in lockstep the per-batch vote is the same everywhere; otherwise only finish() is
-        stop = bool(self.stop_vote.finish()) or (self._stop_requested and self.strategy.lockstep)
+        # in lockstep the per-step vote is the same everywhere; otherwise only finish() is
+        stop = bool(self.control.stop_vote.finish()) or (
+            self._stop_requested and self.control.lockstep
+        )
         self._stop_requested = False
         if stop:
             self.stopped = _signal_name(signals.received)
@@ -382,153 +481,123 @@ class Trainer(Checkpointing):
         if due or self.stopped or self.epoch == self.config.trainer.epochs:
             self.save_checkpoint()
 
-    def _num_batches(self, loader: DataLoader) -> int:
-        return math.ceil(len(loader.sampler.sampler) / self.config.data.batch_size)
+    def _batches(self, loader: DataLoader, epoch: int) -> Iterator[Any]:
+        """The epoch's batches from :attr:`batch` on; a stream restarts when it ends."""
+        if isinstance(loader.dataset, IterableDataset):
+            loader.dataset.set_epoch(epoch)
+            stream = itertools.chain.from_iterable(iter(loader) for _ in itertools.count())
+            return itertools.islice(stream, self.batch, None)
+        loader.sampler.set_epoch(epoch, start=self.batch * self.config.data.batch_size)
+        return iter(loader)
 
     def _train_epoch(self, epoch: int, loader: DataLoader, signals: PreemptionSignals) -> bool:
         """Train (the rest of) ``epoch``; ``False`` if all ranks agreed to stop before its end."""
-        batch_size = self.config.data.batch_size
-        loader.sampler.set_epoch(epoch, start=self.batch * batch_size)
+        dist_, acc = self.dist, self.dist.accumulate_steps
+        micro_batches = dist_.steps_per_epoch * acc
         self.model.train()
-        num_batches = self._num_batches(loader)
-        self.strategy.begin_window(epoch, num_batches)
-        batches = iter(loader)  # draws the loader's base seed: before the RNG is restored
+        batches = self._batches(loader, epoch)  # draws the loader's seed: before the RNG restore
         if self._resumed_rng is not None:
             ckpt.restore_rng_state(self._resumed_rng)
             self._resumed_rng = None
-        loss_sum = torch.tensor(self.partial["loss_sum"], dtype=torch.float64, device=self.device)
-        every = self.config.checkpoint.every_batches
-        lockstep_every = every if self.strategy.lockstep else None
+        every = self.config.checkpoint.every_batches if self.control.lockstep else None
         bar = tqdm(
-            total=num_batches,
-            initial=self.batch,
+            total=dist_.steps_per_epoch,
+            initial=self.batch // acc,
             desc=f"epoch {epoch}",
             leave=False,
             dynamic_ncols=True,
             disable=self.rank != 0 or not self.config.trainer.progress,
         )
-        for batch, (inputs, targets) in enumerate(batches, start=self.batch):
-            loss = self._train_step(epoch, batch, inputs, targets)
-            if loss is not None:
-                loss_sum += loss.detach().double() * len(targets)
-                self.partial["samples"] += len(targets)
-            self.batch = batch + 1
+        for batch in batches:
+            batch = move_to(batch, self.device)
+            with dist_.micro_batch():
+                dist_.backward(self._loss(self.model, batch), samples=batch_size(batch))
+            self.batch += 1
+            if not dist_.ready:
+                continue
+            window = dist_.step()
+            if window is not None:
+                self.windows.append(window)
+            if self.lr_scheduler is not None and self.config.optim.scheduler_interval == "step":
+                self.lr_scheduler.step()
             bar.update()
-            self._operation = f"epoch {epoch} batch {batch}: stop vote"
-            if self.stop_vote.exchange(1 if signals.received else 0):
+            steps = self.batch // acc
+            self._operation = f"epoch {epoch} step {steps - 1}: stop vote"
+            if self.control.stop_vote.exchange(1 if signals.received else 0):
                 self._stop_requested = True
-            if self.batch == num_batches:
+            if self.batch == micro_batches:
                 break
-            if self._stop_requested and not self.strategy.lockstep:
-                break  # a node on its own clock ends its epoch here; all stop at the epoch end
-            if self._stop_requested or (lockstep_every and self.batch % every == 0):
-                self.partial["loss_sum"] = loss_sum.item()
-                if self._stop_requested:
-                    bar.close()
-                    return False
+            if self._stop_requested and not self.control.lockstep:
+                # a node on its own clock ends its epoch here; all stop at the epoch end
+                self.windows.append(dist_.end_epoch_early())
+                break
+            if self._stop_requested:
+                bar.close()
+                return False
+            if every and steps % every == 0:
                 self.save_checkpoint()
         bar.close()
-        self.partial["loss_sum"] = loss_sum.item()
         return True
 
-    def _train_step(
-        self, epoch: int, batch: int, inputs: torch.Tensor, targets: torch.Tensor
-    ) -> torch.Tensor | None:
-        """One batch; its loss, or ``None`` if the step was skipped as non-finite
-        (``nan_policy: skip``)."""
-        where = f"epoch {epoch} batch {batch}"
-        inputs = inputs.to(self.device, non_blocking=True)
-        targets = targets.to(self.device, non_blocking=True)
-        self.optimizer.zero_grad()  # set_to_none by default; Horovod's takes no argument
-        self._operation = f"{where}: forward/backward with node-local gradient averaging"
-        with self.strategy.sync_context(batch):
-            with self._autocast():
-                loss = self.loss_fn(self.model(inputs), targets)
-            self.scaler.scale(loss).backward()
-        self._operation = f"{where}: gradient communication ({self.strategy.name})"
-        self.strategy.after_backward(batch)
-        norm = None
-        clip = self.config.trainer.grad_clip_norm
-        if clip is not None:
-            self.scaler.unscale_(self.optimizer)
-            norm = torch.nn.utils.clip_grad_norm_(self.module.parameters(), clip)
-        if self.scaler.is_enabled():  # overflowing fp16 gradients are GradScaler's to skip
-            norm = loss.new_zeros(())
-        bad = self.guard.nonfinite(loss, self.module.parameters(), norm)
-        skip = self.guard.should_skip(bad, epoch, batch)
-        self.guard.sanitize(self.module.parameters())
-        if skip:
-            self.partial["skipped_steps"] += 1
-        else:
-            with self.strategy.step_context():
-                self.scaler.step(self.optimizer)
-            self.scaler.update()
-        self._operation = f"{where}: cross-node synchronisation ({self.strategy.name})"
-        self.strategy.after_step(batch)
-        return None if skip else loss
+    def _loss(self, model: torch.nn.Module, batch: Any) -> torch.Tensor:
+        return self._forward(model, batch)[0]
 
-    def _take_partial_metrics(self) -> dict[str, Any]:
-        """Fold the strategy's counters so far into :attr:`partial` (they reset on read)."""
-        metrics = self.strategy.window_metrics()
-        self.partial["cross_node_bytes"] += metrics["cross_node_bytes"]
-        self.partial["comm_wait_seconds"] += metrics["comm_wait_seconds"]
-        return metrics
+    def _forward(self, model: torch.nn.Module, batch: Any) -> tuple[torch.Tensor, Any, Any]:
+        """``(loss, output, target)`` of ``batch`` (``output``/``target`` ``None`` where a
+        ``step_fn`` does not return them)."""
+        if self.step_fn is not None:
+            result = self.step_fn(model, batch)
+            if isinstance(result, tuple):
+                return result[0], result[1], None
+            return result, None, None
+        inputs, target = split_pair(batch)
+        output = model(inputs)
+        return self.loss_fn(output, target), output, target
 
-    def _close_epoch(self, epoch: int) -> tuple[float, dict[str, Any]]:
-        self._operation = f"epoch {epoch}: end-of-epoch metrics allreduce"
-        self.guard.check()
-        metrics = self._take_partial_metrics()
-        part = self.partial
-        totals = allreduce_sum(
-            [
-                part["loss_sum"],
-                part["samples"],
-                part["cross_node_bytes"],
-                part["comm_wait_seconds"],
-                part["skipped_steps"],
-            ],
-            self.device,
-        )
-        train_loss = totals[0] / max(totals[1], 1)
-        metrics["cross_node_bytes"] = int(totals[2])
-        metrics["comm_wait_seconds"] = totals[3] / self.topology.world_size
-        metrics["skipped_steps"] = int(totals[4])
-        self.partial = _empty_partial()
-        self.strategy.end_window(epoch, train_loss)
-        return train_loss, metrics
-
-    def _evaluate(self, loader: DataLoader) -> tuple[float, float]:
+    def _evaluate(self, loader: DataLoader) -> dict[str, Any]:
+        """``val_loss``, ``val_accuracy`` (or ``None``) and ``val_<metric>`` over all ranks."""
         module = unwrap(self.model)
-        module.eval()
-        loss_sum, correct, count = 0.0, 0, 0
-        with torch.no_grad(), self._autocast(), self.strategy.evaluation():
-            for inputs, targets in loader:
-                inputs = inputs.to(self.device, non_blocking=True)
-                targets = targets.to(self.device, non_blocking=True)
-                output = module(inputs)
-                loss_sum += float(self.loss_fn(output, targets)) * len(targets)
-                correct += int((output.argmax(dim=1) == targets).sum())
-                count += len(targets)
-        loss_sum, correct, count = allreduce_sum([loss_sum, correct, count], self.device)
-        return loss_sum / max(count, 1), correct / max(count, 1)
+        sums: dict[str, float] = {}
+        loss_sum = correct = scored = count = 0.0
+        with self.dist.evaluation():
+            for batch in loader:
+                batch = move_to(batch, self.device)
+                n = batch_size(batch)
+                loss, output, target = self._forward(module, batch)
+                loss_sum += float(loss) * n
+                count += n
+                if _accuracy_applies(output, target):
+                    correct += int((output.argmax(dim=1) == target).sum())
+                    scored += n
+                if self.metrics_fn is not None:
+                    for name, value in self.metrics_fn(output, batch).items():
+                        sums[name] = sums.get(name, 0.0) + float(value) * n
+        names = sorted(sums)  # the same keys on every rank (one per metric of metrics_fn)
+        totals = allreduce_sum(
+            [loss_sum, count, correct, scored, *(sums[k] for k in names)], self.device
+        )
+        count = max(totals[1], 1)
+        row: dict[str, Any] = {"val_loss": totals[0] / count}
+        row["val_accuracy"] = totals[2] / count if totals[1] and totals[3] == totals[1] else None
+        if self.perplexity:
+            row["val_perplexity"] = math.exp(min(row["val_loss"], 700.0))
+        row.update({f"val_{k}": v / count for k, v in zip(names, totals[4:], strict=True)})
+        return row
 
-    def evaluate(self, dataset: Dataset) -> dict[str, float]:
-        """Loss and accuracy of the current model on ``dataset``, over all ranks' shards.
+    def evaluate(self, dataset: Dataset) -> dict[str, Any]:
+        """Validation metrics of the current model on ``dataset``, over all ranks' shards.
 
         Returns:
-            ``{"val_loss": mean loss, "val_accuracy": fraction correct}``.
+            ``{"val_loss": mean loss, "val_accuracy": fraction correct or None, ...}``.
         """
-        loss, accuracy = self._evaluate(self._val_loader(dataset))
-        return {"val_loss": loss, "val_accuracy": accuracy}
+        return self._evaluate(self._val_loader(dataset))
 
     def _report(self, row: dict[str, Any]) -> None:
         if self.rank != 0:
             return
-        val = (
-            f"val loss {row['val_loss']:.4f} val acc {row['val_accuracy']:.4f}"
-            if row["val_accuracy"] is not None
-            else "no validation"
-        )
+        val = f"val loss {row['val_loss']:.4f}" if row["val_loss"] is not None else "no validation"
+        if row.get("val_accuracy") is not None:
+            val += f" val acc {row['val_accuracy']:.4f}"
         log.info(
             "epoch %d | train loss %.4f | %s | global_skips %s local_skips %s "
             "batches_to_wait %s | cross-node %.2f MB | %.1f s",
@@ -552,14 +621,10 @@ class Trainer(Checkpointing):
             clean: ``False`` after a failure: skip everything that waits for other ranks (they
                 may be gone); the process should then exit (the CLI aborts the MPI job).
         """
-        if self.heartbeat is not None:
-            self.heartbeat.close()
+        self.control.close(clean)
         if not clean:
             return
-        self.stop_vote.finish()
         self.strategy.close()
-        for group in self._control_groups:
-            dist.destroy_process_group(group)
         if self.owns_groups:
             shutdown_distributed()
 

@@ -113,6 +113,21 @@ def train_cli(tmp_path: Path, config: str, n: int, layout: str | None, *override
     return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
 
 
+def worker_main(scenarios: dict[str, Any]) -> None:
+    """``python WORKER SCENARIO OUT PARAMS_JSON``: run ``scenarios[SCENARIO](groups, params)``
+    on this rank and save its result to ``OUT/rank<r>.pt``."""
+    from daso.topology import init_distributed, shutdown_distributed
+
+    name, out = sys.argv[1], Path(sys.argv[2])
+    params = json.loads(sys.argv[3]) if len(sys.argv) > 3 else {}
+    params.setdefault("out", str(out))
+    torch.set_num_threads(1)
+    groups = init_distributed("cpu", timeout_seconds=120)
+    result = scenarios[name](groups, params)
+    torch.save(result, out / f"rank{groups.topology.rank}.pt")
+    shutdown_distributed()
+
+
 def run_ranks(
     scenario: str,
     n: int,
@@ -120,12 +135,14 @@ def run_ranks(
     tmp_path: Path,
     params: dict[str, Any] | None = None,
     timeout: float = 240,
+    worker: Path = WORKER,
 ) -> list[Any]:
-    """Run ``scenario`` of ``mpi_worker.py`` on ``n`` ranks; return each rank's saved result."""
+    """Run ``scenario`` of ``worker`` (``mpi_worker.py``) on ``n`` ranks; return each rank's
+    saved result."""
     out = tmp_path / scenario
     out.mkdir(parents=True, exist_ok=True)
     result = run_command(
-        [sys.executable, str(WORKER), scenario, str(out), json.dumps(params or {})],
+        [sys.executable, str(worker), scenario, str(out), json.dumps(params or {})],
         n,
         layout,
         timeout,

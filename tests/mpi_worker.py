@@ -7,8 +7,6 @@ test needs to check (tensors, hashes, flags) to ``OUT/rank<r>.pt``.
 from __future__ import annotations
 
 import hashlib
-import json
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -20,7 +18,9 @@ from daso.comm import CrossNodeSum, FlatBuffer, model_state_tensors, optimizer_s
 from daso.config import load_config
 from daso.schedule import SyncParams
 from daso.strategies import DASOStrategy
-from daso.topology import ProcessGroups, init_distributed, shutdown_distributed
+from daso.topology import ProcessGroups
+
+from mpi_harness import worker_main
 
 
 def tiny_model() -> torch.nn.Module:
@@ -695,16 +695,5 @@ SCENARIOS = {
 }
 
 
-def main() -> None:
-    name, out = sys.argv[1], Path(sys.argv[2])
-    params = json.loads(sys.argv[3]) if len(sys.argv) > 3 else {}
-    params.setdefault("out", str(out))
-    torch.set_num_threads(1)
-    groups = init_distributed("cpu", timeout_seconds=120)
-    result = SCENARIOS[name](groups, params)
-    torch.save(result, out / f"rank{groups.topology.rank}.pt")
-    shutdown_distributed()
-
-
 if __name__ == "__main__":
-    main()
+    worker_main(SCENARIOS)

@@ -37,9 +37,9 @@ STRATEGIES = {
 }
 
 
-def resume_runs(tmp_path, strategies, n=4, layout="2", timeout=300, train_size=384):
+def resume_runs(tmp_path, strategies, n=4, layout="2", timeout=300, train_size=384, options=None):
     params = {
-        "strategies": [[name, STRATEGIES.get(name, {})] for name in strategies],
+        "strategies": [[name, (options or STRATEGIES).get(name, {})] for name in strategies],
         "epochs": 4,
         "stop_epoch": 2,
         "every_batches": 3,
@@ -120,3 +120,21 @@ def test_ranks_that_resume_different_checkpoints_refuse_to_train(tmp_path):
     for result in results:
         assert "ranks start training at different points" in result["error"]
         assert "checkpoint.dir" in result["error"]
+
+
+def test_daso_with_window_steps_resumes_exactly_mid_window(tmp_path):
+    """Windows of 4 steps in epochs of 6 (two windows an epoch, the second of 2 steps): the
+    checkpoint at epoch 1, batch 3 falls inside a window; the resumed run equals the straight
+    one bitwise, schedule included."""
+    options = {
+        "daso": {
+            "window_steps": 4,
+            "warmup_windows": 2,
+            "cooldown_windows": 2,
+            "max_global_skips": 2,
+            "stability_level": 0.5,
+            "patience": 0,
+        }
+    }
+    results = resume_runs(tmp_path, ["daso"], options=options)
+    check_exact(results, "daso")

@@ -26,7 +26,7 @@ def test_rank0_weights_survive_wrapping_and_features_run(tmp_path):
     assert all(math.isfinite(row["train_loss"]) for row in history)
     assert history[-1]["val_accuracy"] > 0.6
     assert [row["global_skips"] for row in history] == [0, 4, 0]
-    assert rank0["schedule"]["schedule"]["epoch"] == 3
+    assert rank0["schedule"]["schedule"]["window"] == 3
     lines = (tmp_path / "trainer_features" / "metrics.jsonl").read_text().splitlines()
     rows = [json.loads(line) for line in lines]
     required = {*DETERMINISTIC_METRICS, "epoch_seconds", "strategy"}

@@ -243,3 +243,61 @@ class Heartbeat:
         """Stop beating."""
         self._stop.set()
         self._thread.join(timeout=5 * self.interval)
+
+
+class ControlPlane:
+    """The control traffic of a run: heartbeats and the stop vote, over Gloo groups of their
+    own (one per node, one of the node leaders), so they never queue behind training traffic.
+
+    A per-step :class:`StopVote` for strategies in lockstep; a :class:`NodeStopVote` through
+    the rendezvous store for those whose nodes run on their own clocks (nodes never wait for
+    each other during an epoch). On one process there is nothing to vote with.
+
+    Args:
+        groups: the run's :class:`~daso.topology.ProcessGroups`.
+        lockstep: the strategy's :attr:`~daso.strategies.Strategy.lockstep`.
+        timeout: longest wait for a vote round, seconds.
+
+    Attributes:
+        heartbeat: the :class:`Heartbeat` (``None`` on one process or without a store).
+        stop_vote: the :class:`StopVote` or :class:`NodeStopVote`.
+        lockstep: whether the vote is the same on every rank after every step.
+    """
+
+    def __init__(self, groups: Any, lockstep: bool, timeout: float) -> None:
+        topo = groups.topology
+        self.groups: list[Any] = []
+        self.heartbeat: Heartbeat | None = None
+        self.lockstep = lockstep
+        if topo.world_size == 1:
+            self.stop_vote: StopVote | NodeStopVote = StopVote(None, None, True, timeout)
+            return
+        delta = datetime.timedelta(seconds=timeout)
+        nodes = [topo.ranks_on_node(n) for n in range(topo.num_nodes)]
+        node, _ = dist.new_subgroups_by_enumeration(nodes, timeout=delta, backend="gloo")
+        leaders = dist.new_group([r[0] for r in nodes], timeout=delta, backend="gloo")
+        self.groups = [node, leaders] if topo.local_rank == 0 else [node]
+        node = node if topo.local_world_size > 1 else None
+        leaders = leaders if topo.local_rank == 0 and topo.num_nodes > 1 else None
+        address = groups.store_address
+        self.heartbeat = Heartbeat(*address, topo.rank, topo.world_size) if address else None
+        if lockstep or self.heartbeat is None:
+            self.lockstep = True
+            self.stop_vote = StopVote(node, leaders, topo.local_rank == 0, timeout)
+        else:
+            self.stop_vote = NodeStopVote(node, leaders, self.heartbeat, timeout)
+
+    def silent_ranks(self) -> list[int] | None:
+        """Ranks whose heartbeat stopped (``None`` without heartbeats)."""
+        return self.heartbeat.silent_ranks() if self.heartbeat is not None else None
+
+    def close(self, clean: bool = True) -> None:
+        """Stop the heartbeat; with ``clean``, finish the vote and destroy the groups (this
+        waits for the other ranks: skip it after a failure)."""
+        if self.heartbeat is not None:
+            self.heartbeat.close()
+        if not clean:
+            return
+        self.stop_vote.finish()
+        for group in self.groups:
+            dist.destroy_process_group(group)

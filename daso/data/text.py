@@ -42,9 +42,11 @@ def read_text(path: str | os.PathLike[str] | None = None) -> str:
             raw = gzip.decompress(raw)
         text = raw.decode("utf-8")
     except FileNotFoundError:
-        raise DataError(f"text file {source} not found; set data.root to a UTF-8 text file")
+        raise DataError(
+            f"text file {source} not found; set data.root to a UTF-8 text file"
+        ) from None
     except (OSError, EOFError, UnicodeDecodeError) as err:
-        raise DataError(f"cannot read text file {source}: {err}; give a UTF-8 text file")
+        raise DataError(f"cannot read text file {source}: {err}; give a UTF-8 text file") from err
     if path is None and hashlib.sha256(raw).hexdigest() != TINY_SHAKESPEARE_SHA256:
         raise DataError(f"the embedded {EMBEDDED.name} is corrupt; reinstall daso")
     if not text:

@@ -3,6 +3,8 @@
 - ``mnist_cnn``: :class:`~daso.models.cnn.MnistCNN`, a small CNN with BatchNorm for MNIST.
 - ``resnet20``, ``resnet32``, ``resnet44``, ``resnet56``: the CIFAR ResNets of
   He et al. 2016 (:mod:`daso.models.resnet`); keyword arguments ``width`` and ``shortcut``.
+- ``char_transformer``: :class:`~daso.models.charlm.CharTransformer`, a decoder-only
+  character language model (``num_classes`` is the vocabulary size; keyword ``context``).
 """
 
 from __future__ import annotations
@@ -13,11 +15,13 @@ from typing import Any
 from torch import nn
 
 from daso.errors import ConfigError
+from daso.models.charlm import CharTransformer
 from daso.models.cnn import MnistCNN
 from daso.models.resnet import CifarResNet, resnet20, resnet32, resnet44, resnet56, resnet_cifar
 
 __all__ = [
     "MODEL_NAMES",
+    "CharTransformer",
     "CifarResNet",
     "MnistCNN",
     "build_model",
@@ -34,6 +38,8 @@ _BUILDERS: dict[str, Callable[..., nn.Module]] = {
     "resnet32": resnet32,
     "resnet44": resnet44,
     "resnet56": resnet56,
+    # a language model's "classes" are its vocabulary
+    "char_transformer": lambda num_classes=65, **kw: CharTransformer(vocab_size=num_classes, **kw),
 }
 
 MODEL_NAMES: tuple[str, ...] = tuple(_BUILDERS)

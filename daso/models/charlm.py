@@ -131,6 +131,13 @@ class CharTransformer(nn.Module):
         return self.head(self.ln_f(x))
 
 
+def lm_step(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """The trainer's ``step_fn`` for a language model: ``(loss, logits)`` of a dict batch
+    ``{"input_ids": int64[B, T], "labels": int64[B, T]}``."""
+    logits = model(batch["input_ids"])
+    return lm_loss(logits, batch["labels"]), logits
+
+
 def lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Mean next-character cross-entropy in nats per character.
 

@@ -16,8 +16,9 @@ drives); a strategy only answers a few calls. A run is cut into *windows* of opt
     metrics = strategy.window_metrics()              # knobs and counters of the window
     strategy.end_window(window, global_mean_loss)    # controller input
 
-Every window ends with all ranks holding the same model (strategies that keep nodes apart
-say so in :attr:`Strategy.lockstep`).
+Whether a window ends with one model everywhere is the strategy's: DASO and the synchronous
+ones do; elastic and local-SGD strategies keep one model per node (and a center or anchor);
+strategies whose nodes run on their own clocks say so in :attr:`Strategy.lockstep`.
 
 A new strategy is one module in :mod:`daso.strategies` with one subclass of :class:`Strategy`
 that sets :attr:`Strategy.name`, :attr:`Strategy.summary` and :attr:`Strategy.Options` (a
@@ -143,6 +144,15 @@ class Strategy(abc.ABC):
         self.optimizer: torch.optim.Optimizer | None = None
         self.window_length = 0
         self.deterministic = False
+        self.accumulate_steps = 1  # micro-batches per step (set before wrap)
+
+    def set_run_length(self, windows: int) -> None:
+        """The run's number of windows, once known (before the first step).
+
+        Raises:
+            ConfigError: the strategy's schedule does not fit into ``windows``.
+        """
+        self.epochs = windows
 
     def wrap_in_node(self, model: torch.nn.Module) -> torch.nn.Module:
         """``model`` under DDP over this rank's node group (gradients averaged inside the node

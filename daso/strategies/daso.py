@@ -155,6 +155,12 @@ class DASOStrategy(Strategy):
         self.syncs = dict.fromkeys(SYNC_COUNTS, 0)  # this epoch's sends, merges, averages
 
     # -- setup -------------------------------------------------------------------------------
+    def set_run_length(self, windows: int) -> None:
+        super().set_run_length(windows)
+        state = self.schedule.state_dict()  # a resumed schedule keeps its place
+        self.schedule = DASOSchedule(windows, **self.options.schedule_options())
+        self.schedule.load_state_dict(state)
+
     def wrap(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> torch.nn.Module:
         self.optimizer = optimizer
         self.model = self.wrap_in_node(model)

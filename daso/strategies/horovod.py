@@ -89,7 +89,9 @@ class HorovodStrategy(Strategy):
         hvd.broadcast_parameters(model.state_dict(), root_rank=0)
         hvd.broadcast_optimizer_state(optimizer, root_rank=0)
         self.optimizer = hvd.DistributedOptimizer(
-            optimizer, named_parameters=model.named_parameters()
+            optimizer,
+            named_parameters=model.named_parameters(),
+            backward_passes_per_step=self.accumulate_steps,
         )
         self.model = model
         self.params = [p for p in model.parameters() if p.requires_grad]

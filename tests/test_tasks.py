@@ -1,0 +1,68 @@
+"""The trainer for any task and the step-level API, on 2 emulated nodes x 2 ranks: a
+regression (loss, never an accuracy), a model returning ``(logits, aux)``, an IterableDataset
+of dict batches with gradient accumulation and a per-step LR, and every registered strategy
+built from its defaults."""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+
+import pytest
+
+from mpi_harness import ROOT, run_ranks
+
+pytestmark = pytest.mark.multiprocess
+WORKER = ROOT / "tests" / "task_worker.py"
+
+
+def runs(tmp_path, scenario, params=None):
+    return run_ranks(scenario, 4, "2", tmp_path, params, worker=WORKER)
+
+
+def test_regression_reports_loss_and_no_accuracy(tmp_path):
+    results = runs(tmp_path, "regression")
+    history = results[0]["history"]
+    assert all(row["val_accuracy"] is None for row in history), history
+    assert history[-1]["val_loss"] < 0.1 * results[0]["untrained"], history
+    assert history[-1]["train_loss"] < history[0]["train_loss"]
+    assert len({r["final"] for r in results}) == 1  # every epoch ends with one model
+
+
+def test_model_returning_logits_and_aux_trains_on_a_loss_over_the_tuple(tmp_path):
+    results = runs(tmp_path, "tuple_output")
+    history = results[0]["history"]
+    last = history[-1]
+    assert last["val_accuracy"] is None  # the output is a tuple: no built-in accuracy
+    assert last["val_logits_accuracy"] > 0.9, last  # the user's metric
+    assert math.isfinite(last["val_loss"]) and last["val_loss"] < history[0]["train_loss"]
+    assert len({r["final"] for r in results}) == 1
+
+
+def test_iterable_dataset_of_dict_batches_with_accumulation_and_per_step_lr(tmp_path):
+    results = runs(tmp_path, "iterable")
+    history = results[0]["history"]
+    assert [row["epoch"] for row in history] == [0, 1, 2]
+    assert history[-1]["val_accuracy"] is None  # a step_fn's dict batch has no target
+    assert history[-1]["val_loss"] < history[0]["val_loss"]
+    # cosine over 36 steps after 4 warm-up steps, read at each epoch's end (per-step LR)
+    lrs = [row["lr"] for row in history]
+    assert lrs[0] > lrs[1] > lrs[2] and lrs[0] < 0.05, lrs
+    assert len({r["final"] for r in results}) == 1
+
+
+def test_every_registered_strategy_runs_from_its_defaults(tmp_path):
+    skip = [] if importlib.util.find_spec("horovod") else ["horovod"]
+    results = runs(tmp_path, "every_strategy", {"skip": skip})
+    from daso.strategies import STRATEGIES
+
+    assert set(results[0]) == set(STRATEGIES) - set(skip)
+    for name, run in results[0].items():
+        assert [row["window"] for row in run["rows"]] == list(range(8)), name
+        assert all(math.isfinite(row["train_loss"]) for row in run["rows"]), name
+        assert run["should_stop"] is False
+        finals = [r[name]["final"] for r in results]
+        if name in ("ddp", "hierarchical", "daso", "horovod"):  # one model everywhere
+            assert len(set(finals)) == 1, name
+        elif run["lockstep"] and name != "no_comm":  # one model per node (elastic, local)
+            assert finals[0] == finals[1] and finals[2] == finals[3], name
