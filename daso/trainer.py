@@ -80,8 +80,6 @@ ADDITIVE_METRICS = (
     "sends",
     "merges",
     "blocking_averages",
-    "averages",
-    "exchanges",
 )
 
 

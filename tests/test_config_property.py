@@ -103,7 +103,7 @@ def _load(text: str, sets: list[str]) -> Config | None:
 
 def _assert_valid(config: Config) -> None:
     assert isinstance(config, Config)
-    if isinstance(config.strategy, DASOConfig):
+    if isinstance(config.strategy, DASOConfig) and config.strategy.window_steps is None:
         assert config.strategy.warmup_windows + config.strategy.cooldown_windows <= (
             config.trainer.epochs
         )

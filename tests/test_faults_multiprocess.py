@@ -46,8 +46,9 @@ def finish(proc: subprocess.Popen, timeout: float) -> str:
     return wait_ranks(proc, timeout)[0]
 
 
-def rank_pids(marker: str) -> dict[int, int]:
-    """The daso processes (not their wrappers) whose command line holds ``marker``, by rank."""
+def rank_pids(marker: str, program: str = "daso.cli") -> dict[int, int]:
+    """The ``program`` processes (not their wrappers) whose command line holds ``marker``, by
+    rank."""
     pids = {}
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
@@ -57,7 +58,8 @@ def rank_pids(marker: str) -> dict[int, int]:
             environ = (entry / "environ").read_bytes().split(b"\0")
         except OSError:
             continue
-        if b"daso.cli" not in cmdline or marker.encode() not in b" ".join(cmdline):
+        line = b" ".join(cmdline)
+        if program.encode() not in line or marker.encode() not in line:
             continue
         if any(OUTLIVE.name.encode() in part for part in cmdline):
             continue

@@ -117,7 +117,14 @@ def test_resnet_rejects_unknown_shortcut_and_bad_width():
 
 
 def test_build_model_builds_every_listed_name():
-    assert MODEL_NAMES == ("mnist_cnn", "resnet20", "resnet32", "resnet44", "resnet56")
+    assert MODEL_NAMES == (
+        "mnist_cnn",
+        "resnet20",
+        "resnet32",
+        "resnet44",
+        "resnet56",
+        "char_transformer",
+    )
     for name in MODEL_NAMES:
         assert isinstance(build_model(name, num_classes=10), nn.Module)
     assert isinstance(build_model("mnist_cnn"), MnistCNN)

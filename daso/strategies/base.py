@@ -62,12 +62,9 @@ def parse_options(cls: type[Strategy], options: dict[str, Any]) -> StrategyOptio
 
 
 def synchronous_metrics(cross_node_bytes: int, comm_wait_seconds: float = 0.0) -> dict[str, float]:
-    """Epoch metrics of a strategy that syncs every batch, in DASO's terms: ``global_skips``
-    0 (blocking every batch), ``local_skips`` 1, ``batches_to_wait`` 0."""
+    """Window metrics of a strategy that averages gradients over all ranks every step: its
+    bytes and wait only (it has no schedule to report)."""
     return {
-        "global_skips": 0,
-        "local_skips": 1,
-        "batches_to_wait": 0,
         "cross_node_bytes": cross_node_bytes,
         "comm_wait_seconds": comm_wait_seconds,
     }

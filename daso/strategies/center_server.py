@@ -166,9 +166,8 @@ class CenterServerStrategy(Strategy):
             sent = self.client.bytes_sent + self.server.bytes_sent
             waited = self.client.wait_seconds
         return {
-            "global_skips": self.period,
-            "local_skips": 1,
-            "batches_to_wait": 0,
+            "period": self.period,
+            "exchanges": self.exchanges,  # this node's exchanges so far in the run
             **self.counters.since_last(sent, waited),
         }
 

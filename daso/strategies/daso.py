@@ -232,6 +232,7 @@ class DASOStrategy(Strategy):
         params = self.schedule.params
         syncs, self.syncs = self.syncs, dict.fromkeys(SYNC_COUNTS, 0)
         return {
+            "phase": params.phase,
             "global_skips": params.global_skips,
             "local_skips": params.local_skips,
             "batches_to_wait": params.batches_to_wait,

@@ -236,9 +236,8 @@ class EASGDStrategy(Strategy):
     def window_metrics(self) -> dict[str, float]:
         totals = (self.cross.bytes_sent, self.cross.wait_seconds) if self.cross else (0, 0.0)
         return {
-            "global_skips": self.period,
-            "local_skips": 1,
-            "batches_to_wait": 0,
+            "period": self.period,
+            "exchanges": self.elastic_steps,  # elastic exchanges so far in the run
             **self.counters.since_last(*totals),
         }
 

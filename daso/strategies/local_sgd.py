@@ -93,10 +93,12 @@ class LocalSGDStrategy(Strategy):
             )
 
     def window_metrics(self) -> dict[str, float]:
+        averages = min(self.step, self.warmup_steps) + max(
+            0, self.step // self.period - self.warmup_steps // self.period
+        )
         return {
-            "global_skips": self.period,
-            "local_skips": 1,
-            "batches_to_wait": 0,
+            "period": self.period,
+            "averages": averages if self.topology.num_nodes > 1 else 0,  # so far in the run
             **self.counters.since_last(*self.averager.counters()),
         }
 

@@ -24,9 +24,6 @@ class NoCommStrategy(Strategy):
 
     def window_metrics(self) -> dict[str, float]:
         return {
-            "global_skips": -1,
-            "local_skips": -1,
-            "batches_to_wait": -1,
             "cross_node_bytes": 0,
             "comm_wait_seconds": 0.0,
         }

@@ -1,0 +1,106 @@
+"""A user's own training script wrapped in ``daso.run(main)`` ends like ``daso train``: exit 75
+after a pre-emption checkpoint (and resumes from it), 2 on a bad config; and the Slurm script
+runs it with ``--script`` and requeues it on 75."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+
+import pytest
+from test_faults_multiprocess import finish, rank_pids, wait_for
+from test_launch_scripts import fake
+
+from daso import checkpoint as ckpt
+
+from mpi_harness import ROOT, run_command, start_ranks
+
+pytestmark = pytest.mark.multiprocess
+
+SCRIPT = f"""
+import sys
+
+import torch
+from torch.utils.data import Subset
+
+import daso
+from daso.data import mnist_datasets
+from daso.models import build_model
+
+
+def main():
+    config = daso.load_config({str(ROOT / "configs" / "mnist_cnn_daso.yaml")!r}, sys.argv[1:])
+    torch.manual_seed(config.trainer.seed)
+    model = build_model("mnist_cnn")
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    trainer = daso.Trainer(model, optimizer, torch.nn.functional.cross_entropy, config)
+    trainer.resume("auto")
+    train, val = mnist_datasets()
+    trainer.fit(Subset(train, range(2048)), Subset(val, range(256)))
+    trainer.close()
+
+
+if __name__ == "__main__":
+    daso.run(main)
+"""
+
+
+def script_args(tmp_path, out, *overrides):
+    path = tmp_path / "user_train.py"
+    path.write_text(SCRIPT)
+    sets = ["trainer.progress=false", f"trainer.output_dir={out}", *overrides]
+    return [sys.executable, str(path), *sets]
+
+
+def test_user_script_exits_75_after_a_checkpoint_on_sigusr1_and_resumes(tmp_path):
+    out = tmp_path / "run"
+    args = script_args(
+        tmp_path,
+        out,
+        "trainer.epochs=3",
+        "strategy.warmup_windows=1",
+        "strategy.cooldown_windows=1",
+    )
+    proc = start_ranks(args, 4, "2", merged=True)
+    wait_for(lambda: (out / "metrics.jsonl").exists(), 180, proc)  # epoch 0 done
+    os.kill(rank_pids(str(out), "user_train.py")[3], signal.SIGUSR1)
+    log = finish(proc, 120)
+    assert proc.returncode == 75, log
+    newest = ckpt.list_checkpoints(out / "checkpoints")[0]
+    meta = ckpt.read_checkpoint(newest)["meta"]
+    assert meta["epoch"] == 1 and 0 < meta["batch"] < 16, meta  # written before exiting
+    resumed = run_command(args, 4, "2", timeout=180)
+    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [row["epoch"] for row in rows] == [0, 1, 2]
+
+
+def test_user_script_exits_2_on_a_bad_config(tmp_path):
+    args = script_args(tmp_path, tmp_path / "run", "strategy.max_global_skips=0")
+    result = run_command(args, 2, "1", timeout=60)
+    assert result.returncode == 2, result.stdout + result.stderr
+    errors = [line for line in result.stderr.splitlines() if "ERROR" in line]
+    assert len(errors) == 1 and "strategy.max_global_skips" in errors[0], result.stderr
+    assert not (tmp_path / "run").exists()
+
+
+def test_slurm_script_runs_a_user_script_and_requeues_it_on_75(tmp_path):
+    calls = tmp_path / "calls"
+    fake(tmp_path, "srun", f'echo "srun $*" >> {calls}; exit 75')
+    fake(tmp_path, "scontrol", f'echo "scontrol $*" >> {calls}')
+    env = {**os.environ, "PATH": f"{tmp_path}:{os.environ['PATH']}", "SLURM_JOB_ID": "7"}
+    sbatch = ROOT / "launch" / "slurm.sbatch"
+    result = subprocess.run(
+        ["bash", str(sbatch), "--script", "my_train.py", "--lr", "0.1"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert result.returncode == 75
+    lines = calls.read_text().splitlines()
+    assert lines[0].endswith("python my_train.py --lr 0.1"), lines
+    assert "scontrol requeue 7" in lines
