@@ -121,12 +121,14 @@ class Distributed:
         self.window_steps = (options or {}).get("window_steps")
         if steps_per_epoch is not None:
             _check_count("steps_per_epoch", steps_per_epoch)
-        per_epoch = self.windows_per_epoch if steps_per_epoch is not None else 1
+        windows = epochs * self.windows_per_epoch if steps_per_epoch is not None else None
+        if steps_per_epoch is None and self.window_steps is None:
+            windows = epochs  # one window an epoch, whatever its length
         model.to(self.device)
         broadcast_tensors(model_state_tensors(model), src=0)
         self.module = model
         self.strategy = build_strategy(
-            strategy, self.groups, epochs * per_epoch, options, timeout_seconds=timeout_seconds
+            strategy, self.groups, windows, options, timeout_seconds=timeout_seconds
         )
         if deterministic:
             torch.use_deterministic_algorithms(True, warn_only=True)

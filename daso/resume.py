@@ -7,7 +7,6 @@ attributes (``model``, ``optimizer``, ``strategy``, ``history``, ``epoch``, ``ba
 
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 from typing import Any
@@ -163,10 +162,7 @@ class Checkpointing:
             # fresh streams, distinct per rank and per epoch of the resume (7919: a prime stride)
             torch.manual_seed(self.config.trainer.seed + 1000 + self.rank + 7919 * self.epoch)
         self._resumed = True
-        if self.rank == 0:
-            self.output_dir.mkdir(parents=True, exist_ok=True)
-            rows = "".join(json.dumps(row) + "\n" for row in self.history)
-            self.metrics_path.write_text(rows)
+        self.metrics_log.rewrite(self.history)
         log.info("resumed from %s: epoch %d, batch %d", source, self.epoch, self.batch)
 
     def _agree_on_start(self) -> None:

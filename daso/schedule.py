@@ -136,7 +136,7 @@ class DASOSchedule:
 
     def __init__(
         self,
-        windows: int,
+        windows: int | None,
         warmup_windows: int = 4,
         cooldown_windows: int = 4,
         stability_level: float = 0.05,
@@ -146,15 +146,8 @@ class DASOSchedule:
         local_skip_factor: int = 4,
     ) -> None:
         checks = [
-            (windows >= 1, f"windows must be >= 1, got {windows}"),
             (warmup_windows >= 0, f"warmup_windows must be >= 0, got {warmup_windows}"),
             (cooldown_windows >= 0, f"cooldown_windows must be >= 0, got {cooldown_windows}"),
-            (
-                warmup_windows + cooldown_windows <= windows,
-                f"warmup_windows ({warmup_windows}) + cooldown_windows ({cooldown_windows}) "
-                f"exceeds the run's {windows} windows; lower them, train longer, or set a smaller "
-                "strategy.window_steps",
-            ),
             (0 <= stability_level < 1, f"stability_level must be in [0, 1), got {stability_level}"),
             (patience >= 0, f"patience must be >= 0, got {patience}"),
             (max_global_skips >= 1, f"max_global_skips must be >= 1, got {max_global_skips}"),
@@ -167,21 +160,42 @@ class DASOSchedule:
         for ok, message in checks:
             if not ok:
                 raise ConfigError(f"DASO schedule: {message}")
-        self.windows = windows
         self.warmup_windows = warmup_windows
         self.cooldown_windows = cooldown_windows
+        self.windows: int | None = None
         self.max_global_skips = max_global_skips
         self.skip_reduction_factor = skip_reduction_factor
         self.local_skip_factor = local_skip_factor
         self.detector = PlateauDetector(stability_level, patience)
         self.window = 0
         self.params = self._entry_params(self.phase(0))
+        if windows is not None:
+            self.set_windows(windows)
+
+    def set_windows(self, windows: int) -> None:
+        """Set the run's length in windows (construction may leave it open, until the data's
+        epoch length is known; the warm-up phase does not need it).
+
+        Raises:
+            ConfigError: ``windows < 1`` or ``warmup_windows + cooldown_windows > windows``.
+        """
+        if windows < 1:
+            raise ConfigError(f"DASO schedule: windows must be >= 1, got {windows}")
+        if self.warmup_windows + self.cooldown_windows > windows:
+            raise ConfigError(
+                f"DASO schedule: warmup_windows ({self.warmup_windows}) + cooldown_windows "
+                f"({self.cooldown_windows}) exceeds the run's {windows} windows; lower them, "
+                "train longer, or set a smaller strategy.window_steps"
+            )
+        self.windows = windows
+        if self.window == 0:  # nothing ran yet: the first window may be the cool-down
+            self.params = self._entry_params(self.phase(0))
 
     def phase(self, window: int) -> str:
         """Phase of window ``window`` (0-based)."""
         if window < self.warmup_windows:
             return WARMUP
-        if window >= self.windows - self.cooldown_windows:
+        if self.windows is not None and window >= self.windows - self.cooldown_windows:
             return COOLDOWN
         return CYCLING
 

@@ -21,13 +21,11 @@ Example (run under ``mpiexec -n 4`` with ``DASO_RANKS_PER_NODE=2``, or as one pr
 
 from __future__ import annotations
 
-import itertools
-import json
 import logging
 import math
 import signal
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -36,21 +34,19 @@ import torch.distributed as dist
 from torch.utils.data import (
     DataLoader,
     Dataset,
-    DistributedSampler,
-    IterableDataset,
-    Sampler,
-    Subset,
 )
 from tqdm import tqdm
 
 from daso import checkpoint as ckpt
 from daso.comm import allreduce_sum, unwrap
 from daso.comm.control import ControlPlane
-from daso.data.batches import RankShard, batch_size, move_to, split_pair
+from daso.data.batches import batch_size, move_to, split_pair
+from daso.data.loaders import epoch_batches, train_loader, val_loader
 from daso.distributed import Distributed
 from daso.errors import CommTimeoutError, ConfigError, DasoError, PeerFailureError
 from daso.faults import PreemptionSignals, describe_peer_failure, record_preemption
 from daso.log import configure_logging
+from daso.metrics import MetricsLog
 from daso.resume import Checkpointing
 from daso.topology import ProcessGroups, init_distributed, shutdown_distributed
 
@@ -107,25 +103,6 @@ def scheduler_from_config(
         return main
     ramp = lr.LinearLR(optimizer, start_factor=1.0 / warmup, total_iters=warmup)
     return lr.SequentialLR(optimizer, [ramp, main], milestones=[warmup])
-
-
-class ResumableSampler(Sampler[int]):
-    """A :class:`DistributedSampler`'s order for the epoch, optionally from ``start`` samples in
-    (a mid-epoch resume skips the samples already trained on without loading them)."""
-
-    def __init__(self, sampler: DistributedSampler) -> None:
-        self.sampler = sampler
-        self.start = 0
-
-    def set_epoch(self, epoch: int, start: int = 0) -> None:
-        self.sampler.set_epoch(epoch)
-        self.start = start
-
-    def __iter__(self) -> Iterator[int]:
-        return itertools.islice(iter(self.sampler), self.start, None)
-
-    def __len__(self) -> int:
-        return max(len(self.sampler) - self.start, 0)
 
 
 def _signal_name(signum: int) -> str:
@@ -259,6 +236,7 @@ class Trainer(Checkpointing):
         self.history: list[dict[str, Any]] = []
         self.output_dir = Path(tcfg.output_dir or "runs/default")
         self.metrics_path = self.output_dir / "metrics.jsonl"
+        self.metrics_log = MetricsLog(self.metrics_path, self.rank)
         self.checkpoint_dir = config.checkpoint_folder()
         self.stopped: str | None = None  # why the run stopped before its last epoch
         self.stop_at_epoch: int | None = None  # stop (with a checkpoint) after this many epochs
@@ -304,47 +282,12 @@ class Trainer(Checkpointing):
 
     # -- data ----------------------------------------------------------------------------------
     def _train_loader(self, dataset: Dataset) -> tuple[DataLoader, int]:
-        """This rank's loader and the epoch's length in optimizer steps."""
-        world, data, tcfg = self.topology.world_size, self.config.data, self.config.trainer
-        workers = {"num_workers": data.num_workers, "pin_memory": self.device.type == "cuda"}
-        if isinstance(dataset, IterableDataset):
-            if tcfg.steps_per_epoch is None:
-                raise ConfigError(
-                    "the training set is an IterableDataset without a length; set "
-                    "trainer.steps_per_epoch to the optimizer steps of an epoch"
-                )
-            shard = RankShard(dataset, self.rank, world)
-            return DataLoader(shard, batch_size=data.batch_size, **workers), tcfg.steps_per_epoch
-        if len(dataset) < world:
-            raise ValueError(
-                f"the training set has {len(dataset)} samples, fewer than the {world} ranks; "
-                "use more data or fewer ranks"
-            )
-        sampler = DistributedSampler(
-            dataset, num_replicas=world, rank=self.rank, shuffle=True, seed=tcfg.seed,
-            drop_last=True,
-        )  # fmt: skip
-        loader = DataLoader(
-            dataset, batch_size=data.batch_size, sampler=ResumableSampler(sampler), **workers
-        )
-        steps = math.ceil(len(sampler) / data.batch_size) // tcfg.accumulate_steps
-        if tcfg.steps_per_epoch is not None:
-            steps = min(steps, tcfg.steps_per_epoch)
-        if steps < 1:
-            raise ConfigError(
-                f"an epoch has fewer batches per rank than trainer.accumulate_steps "
-                f"({tcfg.accumulate_steps}); lower it or data.batch_size"
-            )
-        return loader, steps
+        cfg = self.config
+        world = self.topology.world_size
+        return train_loader(dataset, self.rank, world, cfg.data, cfg.trainer, self.device)
 
     def _val_loader(self, dataset: Dataset) -> DataLoader:
-        world = self.topology.world_size
-        if isinstance(dataset, IterableDataset):
-            shard: Dataset = RankShard(dataset, self.rank, world)
-        else:
-            shard = Subset(dataset, range(self.rank, len(dataset), world))
-        data = self.config.data
-        return DataLoader(shard, batch_size=data.val_batch_size, num_workers=data.num_workers)
+        return val_loader(dataset, self.rank, self.topology.world_size, self.config.data)
 
     def _build_scheduler(self, steps_per_epoch: int) -> None:
         arg, optim = self._scheduler_arg, self.config.optim
@@ -463,7 +406,7 @@ class Trainer(Checkpointing):
         row["strategy"] = self.strategy.name
         self.epoch, self.batch = epoch + 1, 0
         self.history.append(row)
-        self._report(row)
+        self.metrics_log.write(row)
         self._operation = f"epoch {epoch}: stop vote"
         # in lockstep the per-step vote is the same everywhere; otherwise only finish() is
         stop = bool(self.control.stop_vote.finish()) or (
@@ -479,21 +422,13 @@ class Trainer(Checkpointing):
         if due or self.stopped or self.epoch == self.config.trainer.epochs:
             self.save_checkpoint()
 
-    def _batches(self, loader: DataLoader, epoch: int) -> Iterator[Any]:
-        """The epoch's batches from :attr:`batch` on; a stream restarts when it ends."""
-        if isinstance(loader.dataset, IterableDataset):
-            loader.dataset.set_epoch(epoch)
-            stream = itertools.chain.from_iterable(iter(loader) for _ in itertools.count())
-            return itertools.islice(stream, self.batch, None)
-        loader.sampler.set_epoch(epoch, start=self.batch * self.config.data.batch_size)
-        return iter(loader)
-
     def _train_epoch(self, epoch: int, loader: DataLoader, signals: PreemptionSignals) -> bool:
         """Train (the rest of) ``epoch``; ``False`` if all ranks agreed to stop before its end."""
         dist_, acc = self.dist, self.dist.accumulate_steps
         micro_batches = dist_.steps_per_epoch * acc
         self.model.train()
-        batches = self._batches(loader, epoch)  # draws the loader's seed: before the RNG restore
+        # draws the loader's seed: before the RNG restore
+        batches = epoch_batches(loader, epoch, self.batch, self.config.data.batch_size)
         if self._resumed_rng is not None:
             ckpt.restore_rng_state(self._resumed_rng)
             self._resumed_rng = None
@@ -589,27 +524,6 @@ class Trainer(Checkpointing):
             ``{"val_loss": mean loss, "val_accuracy": fraction correct or None, ...}``.
         """
         return self._evaluate(self._val_loader(dataset))
-
-    def _report(self, row: dict[str, Any]) -> None:
-        if self.rank != 0:
-            return
-        val = f"val loss {row['val_loss']:.4f}" if row["val_loss"] is not None else "no validation"
-        if row.get("val_accuracy") is not None:
-            val += f" val acc {row['val_accuracy']:.4f}"
-        log.info(
-            "epoch %d | train loss %.4f | %s | global_skips %s local_skips %s "
-            "batches_to_wait %s | cross-node %.2f MB | %.1f s",
-            row["epoch"],
-            row["train_loss"],
-            val,
-            row.get("global_skips", "-"),
-            row.get("local_skips", "-"),
-            row.get("batches_to_wait", "-"),
-            row["cross_node_bytes"] / 1e6,
-            row["epoch_seconds"],
-        )
-        with self.metrics_path.open("a") as handle:
-            handle.write(json.dumps(row) + "\n")
 
     def close(self, clean: bool = True) -> None:
         """Stop the strategy's communication threads and the heartbeat; leave

@@ -169,7 +169,117 @@ def scenario_every_strategy(groups: Any, params: dict[str, Any]) -> Any:
     return result
 
 
+def expect_error(kind: type[BaseException], call: Any) -> str:
+    """The message of the ``kind`` error ``call()`` raises (``"no error"`` if none)."""
+    try:
+        call()
+    except kind as err:
+        return str(err)
+    return "no error"
+
+
+def scenario_misuse(groups: Any, params: dict[str, Any]) -> Any:
+    """The step-level API refuses calls out of order and bad arguments, naming the fix."""
+    from daso.errors import ConfigError
+
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 3)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+
+    def build(**kwargs: Any) -> Distributed:
+        options = kwargs.pop("options", {})
+        return Distributed(model, optimizer, "ddp", options, groups=groups, **kwargs)
+
+    dist = build(steps_per_epoch=4, accumulate_steps=2)
+    x, y = blobs(8, 1)
+    messages = {"step_first": expect_error(RuntimeError, dist.step)}
+    messages["backward_outside"] = expect_error(
+        RuntimeError, lambda: dist.backward(dist.model(x).sum())
+    )
+
+    def no_backward() -> None:
+        with dist.micro_batch():
+            dist.model(x)
+
+    messages["no_backward"] = expect_error(RuntimeError, no_backward)
+    dist.micro = 0
+
+    def nested() -> None:
+        with dist.micro_batch(), dist.micro_batch():
+            pass
+
+    messages["nested"] = expect_error(RuntimeError, nested)
+    dist.micro = 0
+    with dist.micro_batch():
+        dist.backward(torch.nn.functional.cross_entropy(dist.model(x), y))
+    messages["state_inside_step"] = expect_error(RuntimeError, dist.state_dict)
+    with dist.micro_batch():
+        dist.backward(torch.nn.functional.cross_entropy(dist.model(x), y))
+
+    def third() -> None:
+        with dist.micro_batch():
+            pass
+
+    messages["too_many"] = expect_error(RuntimeError, third)
+    messages["stepped"] = dist.step() is None and dist.step_count == 1
+    dist.close()
+    messages["bad_steps"] = expect_error(ConfigError, lambda: build(steps_per_epoch=0))
+    messages["bad_option"] = expect_error(
+        ConfigError, lambda: build(steps_per_epoch=2, options={"perod": 3})
+    )
+    messages["short_run"] = expect_error(
+        ConfigError,
+        lambda: Distributed(
+            model, optimizer, "daso", {"window_steps": 5}, steps_per_epoch=10, groups=groups
+        ),
+    )
+    return messages
+
+
+def scenario_accumulation(groups: Any, params: dict[str, Any]) -> Any:
+    """Two micro-batches of 8 per step give the parameters one batch of 16 gives (ddp)."""
+    x, y = blobs(16 * 3, 11 + groups.topology.rank)
+    finals = {}
+    for accumulate in (1, 2):
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Tanh(), torch.nn.Linear(8, 3))
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+        dist = Distributed(
+            model, optimizer, "ddp", {}, steps_per_epoch=3, accumulate_steps=accumulate,
+            groups=groups, preemption=False,
+        )  # fmt: skip
+        size = 16 // accumulate
+        for step in range(3):
+            for micro in range(accumulate):
+                start = 16 * step + size * micro
+                with dist.micro_batch():
+                    out = dist.model(x[start : start + size])
+                    dist.backward(torch.nn.functional.cross_entropy(out, y[start : start + size]))
+            row = dist.step()
+        finals[accumulate] = [p.detach().clone() for p in model.parameters()]
+        finals[f"loss{accumulate}"] = row["train_loss"]
+        dist.close()
+    return finals
+
+
+def scenario_control(groups: Any, params: dict[str, Any]) -> Any:
+    """Rank 2 flags a stop at step 3; every rank records the step its vote said stop."""
+    from daso.comm.control import ControlPlane
+
+    control = ControlPlane(groups, lockstep=True, timeout=60)
+    stopped_at = None
+    for step in range(8):
+        flag = 1 if groups.topology.rank == 2 and step >= 3 else 0
+        if control.stop_vote.exchange(flag) and stopped_at is None:
+            stopped_at = step
+    control.close()
+    return {"stopped_at": stopped_at}
+
+
 SCENARIOS = {
+    "control": scenario_control,
+    "misuse": scenario_misuse,
+    "accumulation": scenario_accumulation,
     "regression": scenario_regression,
     "tuple_output": scenario_tuple_output,
     "iterable": scenario_iterable,

@@ -300,3 +300,21 @@ def test_cli_bad_config_under_mpiexec_every_rank_exits_2_quickly(tmp_path):
     assert seconds < 60, seconds
     _assert_nothing_written(tmp_path, output)
     assert os.listdir(tmp_path) == ["bad.yaml"]
+
+
+def test_cli_schedule_longer_than_the_windows_exits_2_before_training(tmp_path):
+    """With window_steps the run's windows are known once the data is: 125 steps in windows of
+    70 are 2 windows, too few for 2 + 2 blocking ones; every rank stops before the first step."""
+    output = tmp_path / "out"
+    overrides = [
+        "trainer.epochs=1",
+        "strategy.window_steps=70",
+        "strategy.warmup_windows=2",
+        "strategy.cooldown_windows=2",
+    ]
+    args = train_args("mnist_cnn_daso.yaml", output, *overrides)
+    result = run_command(args, 2, "1", timeout=90)
+    assert result.returncode == EXIT_BAD_INPUT, result.stderr
+    assert result.stderr.count("exceeds the run's 2 windows") == 1, result.stderr
+    assert "window_steps" in result.stderr
+    assert not (output / "metrics.jsonl").exists()

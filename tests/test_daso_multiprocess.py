@@ -138,6 +138,31 @@ def test_ddp_trains_real_mnist_2_nodes_x_2_ranks(mnist_ddp_rows):
     assert all(r["cross_node_bytes"] > 0 for r in rows)
 
 
+def test_one_epoch_with_window_steps_goes_through_the_whole_schedule(tmp_path):
+    """62 steps cut into windows of 4: warm-up, cycling with plateaus (global_skips changes)
+    and cool-down, all inside one epoch; every window's row is in the epoch's row."""
+    rows = train_cli(
+        tmp_path,
+        "mnist_cnn_daso.yaml",
+        4,
+        "2",
+        "trainer.epochs=1",
+        "strategy.window_steps=4",
+        "strategy.warmup_windows=2",
+        "strategy.cooldown_windows=2",
+        "strategy.max_global_skips=4",
+    )
+    windows = rows[0]["windows"]
+    assert [w["window"] for w in windows] == list(range(16))  # ceil(62 / 4)
+    phases = [w["phase"] for w in windows]
+    assert phases == ["warmup"] * 2 + ["cycling"] * 12 + ["cooldown"] * 2
+    cycling = [w["global_skips"] for w in windows if w["phase"] == "cycling"]
+    assert cycling[0] == 2 and len(set(cycling)) > 1, cycling  # plateaus changed it
+    assert all(w["global_skips"] == 0 for w in windows if w["phase"] != "cycling")
+    assert sum(w["sends"] for w in windows) == rows[0]["sends"] > 0
+    assert rows[0]["val_accuracy"] > 0.9
+
+
 @pytest.mark.parametrize("n, layout", [(3, "2,1"), (2, "1"), (1, None)])
 def test_daso_trains_on_uneven_single_rank_and_single_process_layouts(tmp_path, n, layout):
     rows = train_cli(

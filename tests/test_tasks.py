@@ -66,3 +66,30 @@ def test_every_registered_strategy_runs_from_its_defaults(tmp_path):
             assert len(set(finals)) == 1, name
         elif run["lockstep"] and name != "no_comm":  # one model per node (elastic, local)
             assert finals[0] == finals[1] and finals[2] == finals[3], name
+
+
+def test_step_level_api_refuses_calls_out_of_order_naming_the_fix(tmp_path):
+    messages = run_ranks("misuse", 1, None, tmp_path, worker=WORKER)[0]
+    assert "after 0 of 2 micro-batches" in messages["step_first"]
+    assert "outside micro_batch()" in messages["backward_outside"]
+    assert "without backward(loss)" in messages["no_backward"]
+    assert "inside micro_batch()" in messages["nested"]
+    assert "inside a step" in messages["state_inside_step"]
+    assert "call step()" in messages["too_many"]
+    assert messages["stepped"] is True
+    assert "steps_per_epoch must be an integer >= 1" in messages["bad_steps"]
+    assert "perod" in messages["bad_option"]
+    assert "exceeds the run's 2 windows" in messages["short_run"]
+
+
+def test_gradient_accumulation_equals_the_whole_batch(tmp_path):
+    """On one node of 2 ranks: node-local sync on the last micro-batch only still averages
+    the whole step's gradient (equal to float tolerance: the sums run in another order)."""
+    import torch
+
+    results = run_ranks("accumulation", 2, "2", tmp_path, worker=WORKER)
+    for result in results:
+        for whole, accumulated in zip(result[1], result[2], strict=True):
+            assert torch.allclose(whole, accumulated, atol=1e-6), (whole, accumulated)
+        assert abs(result["loss1"] - result["loss2"]) < 1e-6
+    assert all(torch.equal(a, b) for a, b in zip(results[0][2], results[1][2], strict=True))

@@ -157,9 +157,7 @@ class DASOStrategy(Strategy):
     # -- setup -------------------------------------------------------------------------------
     def set_run_length(self, windows: int) -> None:
         super().set_run_length(windows)
-        state = self.schedule.state_dict()  # a resumed schedule keeps its place
-        self.schedule = DASOSchedule(windows, **self.options.schedule_options())
-        self.schedule.load_state_dict(state)
+        self.schedule.set_windows(windows)
 
     def wrap(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> torch.nn.Module:
         self.optimizer = optimizer
