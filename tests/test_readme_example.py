@@ -77,4 +77,4 @@ def test_readme_own_loop_example_trains_with_identical_ranks_at_window_ends(tmp_
     assert windows[-1]["loss"] < windows[0]["loss"] - 0.5, windows
     for rank in records[1:]:  # every rank ends every window with the same parameters
         assert [w["digest"] for w in rank] == [w["digest"] for w in windows]
-    assert "window 5 cooldown" in result.stdout
+    assert "window 4 cooldown" in result.stdout

@@ -30,16 +30,21 @@ def move_to(batch: Any, device: torch.device) -> Any:
 
 def batch_size(batch: Any) -> int:
     """Samples in ``batch``: the first dimension of its first tensor (1 if it has none)."""
+    size = _first_dimension(batch)
+    return 1 if size is None else size
+
+
+def _first_dimension(batch: Any) -> int | None:
     if isinstance(batch, torch.Tensor):
         return int(batch.shape[0]) if batch.dim() else 1
-    values = batch.values() if isinstance(batch, Mapping) else batch
-    if isinstance(values, (list, tuple)) or isinstance(batch, Mapping):
-        for value in values:
-            size = batch_size(value)
-            if size:
+    if isinstance(batch, Mapping):
+        batch = list(batch.values())
+    if isinstance(batch, (list, tuple)):
+        for value in batch:
+            size = _first_dimension(value)
+            if size is not None:
                 return size
-        return 1
-    return 1
+    return None
 
 
 def split_pair(batch: Any) -> tuple[Any, Any]:
