@@ -118,18 +118,20 @@ class Distributed:
         self.steps_per_epoch, self.epochs = steps_per_epoch, epochs
         self.accumulate_steps = accumulate_steps
         self.grad_clip_norm = grad_clip_norm
-        self.window_steps = (options or {}).get("window_steps")
         if steps_per_epoch is not None:
             _check_count("steps_per_epoch", steps_per_epoch)
-        windows = epochs * self.windows_per_epoch if steps_per_epoch is not None else None
-        if steps_per_epoch is None and self.window_steps is None:
-            windows = epochs  # one window an epoch, whatever its length
         model.to(self.device)
         broadcast_tensors(model_state_tensors(model), src=0)
         self.module = model
+        # the run's length in windows is set once the validated window_steps is known
         self.strategy = build_strategy(
-            strategy, self.groups, windows, options, timeout_seconds=timeout_seconds
+            strategy, self.groups, None, options, timeout_seconds=timeout_seconds
         )
+        self.window_steps = self.strategy.options.window_steps
+        if steps_per_epoch is not None:
+            self.strategy.set_run_length(epochs * self.windows_per_epoch)
+        elif self.window_steps is None:
+            self.strategy.set_run_length(epochs)  # one window an epoch, whatever its length
         if deterministic:
             torch.use_deterministic_algorithms(True, warn_only=True)
         self.strategy.deterministic = deterministic

@@ -57,14 +57,15 @@ STRATEGIES: dict[str, type[Strategy]] = {"daso": REGISTRY["daso"]} | dict(sorted
 def build_strategy(
     name: str,
     groups: ProcessGroups,
-    epochs: int,
+    epochs: int | None,
     options: Mapping[str, Any] | None = None,
     timeout_seconds: float = 300.0,
 ) -> Strategy:
     """Instantiate strategy ``name`` with its ``options`` (its config section's keys).
 
     Args:
-        epochs: windows of the run (epochs unless ``window_steps`` cuts them smaller).
+        epochs: windows of the run (epochs unless ``window_steps`` cuts them smaller), or
+            ``None`` until :meth:`~daso.strategies.base.Strategy.set_run_length` says.
         timeout_seconds: the strategy's longest wait for a cross-node message.
 
     Raises:

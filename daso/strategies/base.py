@@ -128,7 +128,7 @@ class Strategy(abc.ABC):
     def __init__(
         self,
         groups: ProcessGroups,
-        epochs: int,
+        epochs: int | None,
         timeout_seconds: float = 300.0,
         **options: Any,
     ) -> None:
