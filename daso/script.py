@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import logging
 import sys
+import time
 from collections.abc import Callable
 from typing import Any, NoReturn
 
@@ -71,12 +72,21 @@ def launcher_rank() -> int:
         return 0
 
 
+#: Seconds a failing rank waits between logging its error and aborting the MPI job, so the
+#: launcher forwards every failing rank's message before the abort kills the others.
+ABORT_GRACE_SECONDS = 1.0
+
+
 def abort_world(code: int) -> None:
-    """Take every other rank down with this one, so none waits forever on a dead peer."""
+    """Take every other rank down with this one, so none waits forever on a dead peer (after
+    :data:`ABORT_GRACE_SECONDS`, with this rank's output flushed)."""
+    sys.stdout.flush()
+    sys.stderr.flush()
     if "mpi4py.MPI" in sys.modules:
         from mpi4py import MPI
 
         if MPI.Is_initialized() and not MPI.Is_finalized() and MPI.COMM_WORLD.Get_size() > 1:
+            time.sleep(ABORT_GRACE_SECONDS)
             MPI.COMM_WORLD.Abort(code)
 
 
