@@ -113,19 +113,20 @@ def _checkpoint_to_resume(source: str, config: Any) -> tuple[Any, Any, bool] | N
     return checkpoint, path, exact
 
 
-def cmd_train(args: argparse.Namespace) -> int:
-    """Load and validate the config and data, then train; every rank runs this.
+def build_data_and_model(config: Any) -> tuple[Any, Any, Any]:
+    """What ``daso train`` trains for a loaded ``config``: ``(model, train_set, val_set)``,
+    the model seeded by ``trainer.seed``; every rank runs this.
 
-    Bad input (config, data path, a batch size the world size cannot feed) raises
-    ConfigError/DataError before any process group or output folder is created.
+    Raises:
+        ConfigError, DataError: bad input (config, data path, a batch size the world size
+            cannot feed, an unwritable output folder), before any process group exists.
     """
     import torch
 
-    from daso.config import check_launch, check_writable, load_config
+    from daso.config import check_launch, check_writable
     from daso.models import build_model
     from daso.topology import read_launcher_env
 
-    config = load_config(args.config, args.set or [])
     if config.trainer.num_threads:
         torch.set_num_threads(config.trainer.num_threads)
     train_set, val_set = build_datasets(config)
@@ -143,21 +144,47 @@ def cmd_train(args: argparse.Namespace) -> int:
     else:
         kwargs = {"width": config.model.width} if name != "mnist_cnn" else {}
     model = build_model(name, num_classes=config.model.num_classes, **kwargs)
+    return model, train_set, val_set
 
-    resume = _checkpoint_to_resume(args.resume, config) if args.resume else None
+
+def build_trainer(config: Any, model: Any, groups: Any = None) -> Any:
+    """The :class:`~daso.trainer.Trainer` ``daso train`` runs for ``config`` and ``model``:
+    the config's optimizer, and the task its model implies (cross-entropy on ``(x, y)``
+    batches; the language model's step on dict batches, loss in nats per character).
+    ``groups``: existing process groups (default: the trainer initialises them)."""
+    import torch
 
     from daso.trainer import Trainer
 
-    if name == "char_transformer":  # dict batches, loss in nats per character
+    if config.model.name == "char_transformer":
         from daso.models.charlm import lm_step
 
         task: dict[str, Any] = {"loss_fn": None, "step_fn": lm_step, "perplexity": True}
     else:
         task = {"loss_fn": torch.nn.functional.cross_entropy}
     loss_fn = task.pop("loss_fn")
-    trainer = Trainer(
-        model, lambda params: build_optimizer(config, params), loss_fn, config, **task
+    return Trainer(
+        model,
+        lambda params: build_optimizer(config, params),
+        loss_fn,
+        config,
+        groups=groups,
+        **task,
     )
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    """Load and validate the config and data, then train; every rank runs this.
+
+    Bad input (config, data path, a batch size the world size cannot feed) raises
+    ConfigError/DataError before any process group or output folder is created.
+    """
+    from daso.config import load_config
+
+    config = load_config(args.config, args.set or [])
+    model, train_set, val_set = build_data_and_model(config)
+    resume = _checkpoint_to_resume(args.resume, config) if args.resume else None
+    trainer = build_trainer(config, model)
     trainer.stop_at_epoch = args.stop_at_epoch
     try:
         if resume is not None:

@@ -20,7 +20,7 @@ from daso.schedule import SyncParams
 from daso.strategies import DASOStrategy
 from daso.topology import ProcessGroups
 
-from mpi_harness import worker_main
+from mpi_harness import ROOT, worker_main
 
 
 def tiny_model() -> torch.nn.Module:
@@ -680,7 +680,28 @@ def scenario_eamsgd(groups: ProcessGroups, params: dict[str, Any]) -> dict[str, 
     }
 
 
+def scenario_train_config(groups: ProcessGroups, params: dict[str, Any]) -> list[dict[str, Any]]:
+    """``daso train`` in this process, on the job's process groups: the config
+    ``configs/<params['config']>`` with ``params['overrides']``, built as the CLI builds it;
+    the run's metrics rows as ``metrics.jsonl`` holds them."""
+    import json
+
+    from daso.cli import build_data_and_model, build_trainer
+
+    out = Path(params["out"]) / "run"
+    config = load_config(
+        ROOT / "configs" / params["config"],
+        ["trainer.progress=false", f"trainer.output_dir={out}", *params.get("overrides", [])],
+    )
+    model, train_set, val_set = build_data_and_model(config)
+    trainer = build_trainer(config, model, groups=groups)
+    trainer.fit(train_set, val_set)
+    trainer.close()
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
 SCENARIOS = {
+    "train_config": scenario_train_config,
     "eamsgd": scenario_eamsgd,
     "anchor": scenario_anchor,
     "finetune": scenario_finetune,

@@ -9,16 +9,20 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from mpi_harness import run_ranks
+from mpi_harness import share_job
 
 pytestmark = pytest.mark.multiprocess
 
 NUM_NODES, LOCAL = 2, 2
 
 
+share_job(4, "2", "anchor", {})
+share_job(4, "2", "finetune", {})
+
+
 @pytest.fixture(scope="module")
-def anchor_results(tmp_path_factory):
-    return run_ranks("anchor", 4, "2", tmp_path_factory.mktemp("anchor"))
+def anchor_results(shared_job):
+    return shared_job(4, "2", "anchor")
 
 
 def ranks_of(node: int) -> list[int]:
@@ -109,10 +113,10 @@ def test_outer_lr_1_momentum_0_equals_the_plain_average(anchor_results):
             np.testing.assert_allclose(b["final"].numpy(), a["final"].numpy(), atol=1e-6)
 
 
-def test_fine_tuning_below_half_a_bfloat16_ulp_still_learns(tmp_path):
+def test_fine_tuning_below_half_a_bfloat16_ulp_still_learns(shared_job):
     """From a trained model, updates ~1e-4 of weights ~2 (half an ulp: 2^-8): the bfloat16
     delta wire lowers the loss like the float32 wire and ends at nearly the same weights."""
-    results = run_ranks("finetune", 4, "2", tmp_path)
+    results = shared_job(4, "2", "finetune")
     for result in results:
         bf16, fp32 = result["runs"]["bfloat16"], result["runs"]["float32"]
         trained = result["trained"].double().numpy()

@@ -8,7 +8,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from mpi_harness import run_ranks
+from mpi_harness import share_job
 
 pytestmark = pytest.mark.multiprocess
 
@@ -25,23 +25,46 @@ def leaders(results: list[dict]) -> dict[int, dict]:
     return {r["topology"]["node"]: r for r in results if r["topology"]["local_rank"] == 0}
 
 
-@pytest.fixture(scope="module", params=LAYOUTS, ids=IDS)
-def round_robin(request, tmp_path_factory):
-    n, layout = request.param
+def center_scenarios(layout: str) -> dict[str, dict]:
+    """Round robin (period 1 on nodes of 2 ranks, 2 on nodes of 1) and a slow node."""
     period = 1 if layout == "2" else 2
-    strategies = [
-        ("async_easgd", "async_easgd", {"period": period}),
-        ("downpour", "downpour", {"period": period}),
-    ]
-    results = run_ranks(
-        "center_round_robin",
-        n,
-        layout,
-        tmp_path_factory.mktemp("round_robin"),
-        {"strategies": strategies, "turns": 8},
-        timeout=120,
-    )
-    return results, period
+    return {
+        "center_round_robin": {
+            "strategies": [
+                ("async_easgd", "async_easgd", {"period": period}),
+                ("downpour", "downpour", {"period": period}),
+            ],
+            "turns": 8,
+        },
+        "center_slow_node": {
+            "strategies": [("async_easgd", "async_easgd", {}), ("downpour", "downpour", {})],
+            "seconds": 3.0,
+            "sleep": 0.05,
+        },
+    }
+
+
+for _n, _layout in LAYOUTS:
+    for _label, _params in center_scenarios(_layout).items():
+        share_job(_n, _layout, _label, _params)
+
+
+@pytest.fixture(scope="module", params=LAYOUTS, ids=IDS)
+def center_runs(request, shared_job):
+    n, layout = request.param
+    results = {label: shared_job(n, layout, label) for label in center_scenarios(layout)}
+    return results, 1 if layout == "2" else 2
+
+
+@pytest.fixture(scope="module")
+def round_robin(center_runs):
+    results, period = center_runs
+    return results["center_round_robin"], period
+
+
+@pytest.fixture(scope="module")
+def slow_node(center_runs):
+    return center_runs[0]["center_slow_node"]
 
 
 @pytest.mark.parametrize("name", ["async_easgd", "downpour"])
@@ -114,20 +137,6 @@ def test_state_dict_round_trip_restores_exactly_what_was_saved(round_robin, name
         assert torch.equal(run["changed_center"], center + 1)
         assert torch.equal(run["restored_center"], center)
         assert torch.equal(run["restored_center"], run["turns"][-1]["center"])
-
-
-@pytest.fixture(scope="module", params=LAYOUTS, ids=IDS)
-def slow_node(request, tmp_path_factory):
-    n, layout = request.param
-    strategies = [("async_easgd", "async_easgd", {}), ("downpour", "downpour", {})]
-    return run_ranks(
-        "center_slow_node",
-        n,
-        layout,
-        tmp_path_factory.mktemp("slow_node"),
-        {"strategies": strategies, "seconds": 3.0, "sleep": 0.05},
-        timeout=120,
-    )
 
 
 @pytest.mark.parametrize("name", ["async_easgd", "downpour"])

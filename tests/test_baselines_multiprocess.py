@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from mpi_harness import run_ranks
+from mpi_harness import share_job
 
 pytestmark = pytest.mark.multiprocess
 
@@ -22,17 +22,19 @@ STRATEGIES = [
 STEPS = 8
 
 
-@pytest.fixture(scope="module", params=[(4, "2"), (3, "2,1")], ids=["2x2", "2+1"])
-def runs(request, tmp_path_factory):
-    n, layout = request.param
-    results = run_ranks(
-        "equivalence",
-        n,
-        layout,
-        tmp_path_factory.mktemp("equivalence"),
-        {"strategies": STRATEGIES, "steps": STEPS},
+LAYOUTS = [(4, "2"), (3, "2,1")]
+for _n, _layout in LAYOUTS:
+    share_job(
+        _n,
+        _layout,
+        "baselines",
+        {"scenario": "equivalence", "strategies": STRATEGIES, "steps": STEPS},
     )
-    return results
+
+
+@pytest.fixture(scope="module", params=LAYOUTS, ids=["2x2", "2+1"])
+def runs(request, shared_job):
+    return shared_job(*request.param, "baselines")
 
 
 def rel_error(a: torch.Tensor, b: torch.Tensor) -> float:

@@ -14,8 +14,6 @@ from daso.config import load_config
 from daso.metrics import MetricsLog, summary_line
 from daso.trainer import epoch_row, scheduler_from_config
 
-from mpi_harness import ROOT, run_ranks
-
 ROW = {
     "epoch": 3,
     "train_loss": 0.5,
@@ -77,11 +75,3 @@ def test_per_step_cosine_after_linear_warmup():
     assert lrs[:5] == pytest.approx([0.025, 0.04375, 0.0625, 0.08125, 0.1])  # linear warm-up
     assert all(b < a for a, b in zip(lrs[4:], lrs[5:]))  # then cosine decay over 20 steps
     assert lrs[-1] == pytest.approx(0.05 * (1 + math.cos(19 / 20 * math.pi)), rel=1e-9)
-
-
-@pytest.mark.multiprocess
-def test_control_plane_stop_vote_stops_every_rank_after_the_same_step(tmp_path):
-    results = run_ranks("control", 4, "2", tmp_path, worker=ROOT / "tests" / "task_worker.py")
-    assert {r["stopped_at"] for r in results} == {results[0]["stopped_at"]}
-    # flagged at step 3; the node round and the leaders' round are each read a step later
-    assert 3 < results[0]["stopped_at"] <= 6, results[0]

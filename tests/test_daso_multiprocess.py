@@ -14,6 +14,7 @@ from mpi_harness import (
     MNIST_ACCURACY_BOUND,
     MNIST_EPOCHS,
     run_ranks,
+    share_job,
     train_cli,
 )
 
@@ -24,11 +25,17 @@ def bf16(values: torch.Tensor) -> np.ndarray:
     return values.to(torch.bfloat16).double().numpy()
 
 
-@pytest.mark.parametrize("n, layout", [(4, "2"), (4, "1"), (3, "2,1")])
-def test_merge_matches_formula_w0_w1_w2(tmp_path, n, layout):
+MERGE_LAYOUTS = [(4, "2"), (4, "1"), (3, "2,1")]
+for _n, _layout in MERGE_LAYOUTS:
+    share_job(_n, _layout, "merge", {})
+share_job(4, "2", "consistency", {})
+
+
+@pytest.mark.parametrize("n, layout", MERGE_LAYOUTS)
+def test_merge_matches_formula_w0_w1_w2(shared_job, n, layout):
     """mean = a + sum_n (x_sent_n - a) / N, x <- (2W x_local + N mean) / (2W + N), computed
     here in float64 with NumPy from the anchor a; 16-bit rounding bounded by the deltas."""
-    results = run_ranks("merge", n, layout, tmp_path)
+    results = shared_job(n, layout, "merge")
     topo = [r["topology"] for r in results]
     num_nodes = topo[0]["num_nodes"]
     senders = {t["node"]: t["node_ranks"][0] for t in topo}  # first send: local rank 0
@@ -57,10 +64,10 @@ def test_merge_matches_formula_w0_w1_w2(tmp_path, n, layout):
             assert torch.equal(cases[rank]["final"], cases[senders[t["node"]]]["final"])
 
 
-def test_parameters_bitwise_identical_after_every_epoch(tmp_path):
+def test_parameters_bitwise_identical_after_every_epoch(shared_job):
     """Whole model state + optimizer state equal on all ranks after each epoch; parameters
     equal within a node on every batch of an epoch whose batches all sync node-locally."""
-    results = run_ranks("consistency", 4, "2", tmp_path)
+    results = shared_job(4, "2", "consistency")
     epochs = [r["epochs"] for r in results]
     assert len(epochs[0]) == 6
     for e in range(6):
@@ -104,54 +111,24 @@ def test_nonblocking_sync_progresses_while_computing(tmp_path):
             assert case["sum"] == 3.0 and case["all_equal"], case
 
 
-@pytest.mark.parametrize(
-    "config",
-    [
-        "mnist_cnn_daso.yaml",
-        "mnist_cnn_daso.yaml+nesterov",
-        "mnist_cnn_hierarchical.yaml",
-        "mnist_cnn_local_sgd.yaml",
-    ],
-)
-def test_trains_real_mnist_2_nodes_x_2_ranks(tmp_path, config):
-    overrides = [f"trainer.epochs={MNIST_EPOCHS}"]
-    if config.endswith("+nesterov"):  # DiLoCo's outer step on the cycling syncs
-        config = config.removesuffix("+nesterov")
-        overrides.append("strategy.outer_optimizer=nesterov")
-    if "daso" in config:
-        overrides += ["strategy.warmup_windows=1", "strategy.cooldown_windows=1"]
-    rows = train_cli(tmp_path, config, 4, "2", *overrides)
+@pytest.mark.parametrize("label", ["ddp", "daso", "daso+nesterov", "hierarchical", "local_sgd"])
+def test_trains_real_mnist_2_nodes_x_2_ranks(mnist_runs, label):
+    """The demo configs (``mnist_runs``: daso with one warm-up and one cool-down epoch;
+    ``daso+nesterov`` with DiLoCo's outer step on the cycling syncs)."""
+    rows = mnist_runs[label]
     assert [r["epoch"] for r in rows] == list(range(MNIST_EPOCHS))
     assert rows[-1]["val_accuracy"] >= MNIST_ACCURACY_BOUND, rows[-1]
     assert rows[-1]["train_loss"] < rows[0]["train_loss"]
     assert all(r["cross_node_bytes"] > 0 for r in rows)
-    if "daso" in config:
+    if "daso" in label:
         assert [r["global_skips"] for r in rows][:2] == [0, 4]
 
 
-def test_ddp_trains_real_mnist_2_nodes_x_2_ranks(mnist_ddp_rows):
-    """The same bound for ddp, from the run the EASGD tests compare against."""
-    rows = mnist_ddp_rows
-    assert [r["epoch"] for r in rows] == list(range(MNIST_EPOCHS))
-    assert rows[-1]["val_accuracy"] >= MNIST_ACCURACY_BOUND, rows[-1]
-    assert rows[-1]["train_loss"] < rows[0]["train_loss"]
-    assert all(r["cross_node_bytes"] > 0 for r in rows)
-
-
-def test_one_epoch_with_window_steps_goes_through_the_whole_schedule(tmp_path):
+def test_one_epoch_with_window_steps_goes_through_the_whole_schedule(mnist_runs):
     """62 steps cut into windows of 4: warm-up, cycling with plateaus (global_skips changes)
-    and cool-down, all inside one epoch; every window's row is in the epoch's row."""
-    rows = train_cli(
-        tmp_path,
-        "mnist_cnn_daso.yaml",
-        4,
-        "2",
-        "trainer.epochs=1",
-        "strategy.window_steps=4",
-        "strategy.warmup_windows=2",
-        "strategy.cooldown_windows=2",
-        "strategy.max_global_skips=4",
-    )
+    and cool-down, all inside one epoch; every window's row is in the epoch's row (the
+    ``daso_window_steps`` run of ``mnist_runs``)."""
+    rows = mnist_runs["daso_window_steps"]
     windows = rows[0]["windows"]
     assert [w["window"] for w in windows] == list(range(16))  # ceil(62 / 4)
     phases = [w["phase"] for w in windows]

@@ -7,17 +7,25 @@ from __future__ import annotations
 import pytest
 import torch
 
-from mpi_harness import MNIST_EPOCHS, run_ranks, train_cli
+from mpi_harness import share_job
 
 pytestmark = pytest.mark.multiprocess
 STEPS = 6
 
 
-@pytest.mark.parametrize("n, layout", [(4, "2"), (4, "1")], ids=["2x2", "4x1"])
-def test_elastic_step_matches_formula_and_centers_agree(tmp_path, n, layout):
-    results = run_ranks(
-        "equivalence", n, layout, tmp_path, {"strategies": [("easgd", "easgd", {})], "steps": STEPS}
+LAYOUTS = [(4, "2"), (4, "1")]
+for _n, _layout in LAYOUTS:
+    share_job(
+        _n,
+        _layout,
+        "easgd_equivalence",
+        {"scenario": "equivalence", "strategies": [("easgd", "easgd", {})], "steps": STEPS},
     )
+
+
+@pytest.mark.parametrize("n, layout", LAYOUTS, ids=["2x2", "4x1"])
+def test_elastic_step_matches_formula_and_centers_agree(shared_job, n, layout):
+    results = shared_job(n, layout, "easgd_equivalence")
     runs = [r["runs"]["easgd"] for r in results]
     nodes = sorted({r["topology"]["node"] for r in results})
     first = {
@@ -46,11 +54,8 @@ def test_elastic_step_matches_formula_and_centers_agree(tmp_path, n, layout):
 
 
 @pytest.mark.parametrize("strategy", ["easgd", "eamsgd", "async_easgd", "downpour"])
-def test_trains_real_mnist_within_1_5_points_of_ddp(tmp_path, mnist_ddp_rows, strategy):
-    ddp_rows = mnist_ddp_rows
-    rows = train_cli(
-        tmp_path, f"mnist_cnn_{strategy}.yaml", 4, "2", f"trainer.epochs={MNIST_EPOCHS}"
-    )
+def test_trains_real_mnist_within_1_5_points_of_ddp(mnist_runs, strategy):
+    ddp_rows, rows = mnist_runs["ddp"], mnist_runs[strategy]
     assert rows[-1]["val_accuracy"] >= ddp_rows[-1]["val_accuracy"] - 0.015, (
         rows[-1],
         ddp_rows[-1],

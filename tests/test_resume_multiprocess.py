@@ -89,11 +89,13 @@ def test_horovod_resumes_exactly(tmp_path):
 
 
 def test_asynchronous_strategies_resume_where_they_stopped(tmp_path):
-    """``async_easgd`` and ``downpour`` apply pushes in arrival order, so two runs differ and
-    there is no bitwise target; a resume must still restore exactly the saved state (model,
-    center shard) and continue the metrics from the stopped run's."""
-    names = ["async_easgd", "downpour"]
-    results = resume_runs(tmp_path, names)
+    """``async_easgd`` and ``downpour`` apply pushes in arrival order, and ``passm``'s ranks
+    write one shared model without locks, so two runs differ and there is no bitwise target;
+    a resume must still restore exactly the saved state (model, center shard, anchor, the
+    block optimizer states) and continue the metrics from the stopped run's."""
+    names = ["async_easgd", "downpour", "passm"]
+    options = {"passm": {"full_model_windows": 1, "period": 4}}
+    results = resume_runs(tmp_path, names, options=options)
     for name in names:
         for per_rank in results:
             runs = per_rank[name]
@@ -103,8 +105,12 @@ def test_asynchronous_strategies_resume_where_they_stopped(tmp_path):
             assert resumed["history"][:2] == part["history"]
             assert [row["epoch"] for row in resumed["history"]] == [0, 1, 2, 3]
             assert resumed["history"][-1]["val_accuracy"] > 0.5
-        # no push was lost, before the stop or across the resume: each leader's shard absorbed
-        # every node's pushes (the two nodes' leaders are ranks 0 and 2)
+    # passm: every rank of both nodes ends each window on one model, resumed or not
+    for label in ("part", "resumed", "mid"):
+        assert len({per_rank["passm"][label]["model"] for per_rank in results}) == 1, label
+    for name in ("async_easgd", "downpour"):
+        # no push was lost, before the stop or across the resume: each leader's shard
+        # absorbed every node's pushes (the two nodes' leaders are ranks 0 and 2)
         for label in ("part", "resumed"):
             pushed = [results[leader][name][label]["exchanges"] for leader in (0, 2)]
             assert pushed[0] > 0 and pushed[1] > 0

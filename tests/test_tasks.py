@@ -10,18 +10,28 @@ import math
 
 import pytest
 
-from mpi_harness import ROOT, run_ranks
+from mpi_harness import ROOT, run_batch, run_ranks
 
 pytestmark = pytest.mark.multiprocess
 WORKER = ROOT / "tests" / "task_worker.py"
+HOROVOD_SKIP = [] if importlib.util.find_spec("horovod") else ["horovod"]
 
 
-def runs(tmp_path, scenario, params=None):
-    return run_ranks(scenario, 4, "2", tmp_path, params, worker=WORKER)
+@pytest.fixture(scope="module")
+def four_ranks(tmp_path_factory):
+    """The scenarios on 2 emulated nodes x 2 ranks, all in one MPI job."""
+    scenarios = {
+        "regression": {},
+        "tuple_output": {},
+        "iterable": {},
+        "every_strategy": {"skip": HOROVOD_SKIP},
+        "control": {},
+    }
+    return run_batch(scenarios, 4, "2", tmp_path_factory.mktemp("tasks"), worker=WORKER)
 
 
-def test_regression_reports_loss_and_no_accuracy(tmp_path):
-    results = runs(tmp_path, "regression")
+def test_regression_reports_loss_and_no_accuracy(four_ranks):
+    results = four_ranks["regression"]
     history = results[0]["history"]
     assert all(row["val_accuracy"] is None for row in history), history
     assert history[-1]["val_loss"] < 0.1 * results[0]["untrained"], history
@@ -29,8 +39,8 @@ def test_regression_reports_loss_and_no_accuracy(tmp_path):
     assert len({r["final"] for r in results}) == 1  # every epoch ends with one model
 
 
-def test_model_returning_logits_and_aux_trains_on_a_loss_over_the_tuple(tmp_path):
-    results = runs(tmp_path, "tuple_output")
+def test_model_returning_logits_and_aux_trains_on_a_loss_over_the_tuple(four_ranks):
+    results = four_ranks["tuple_output"]
     history = results[0]["history"]
     last = history[-1]
     assert last["val_accuracy"] is None  # the output is a tuple: no built-in accuracy
@@ -39,8 +49,8 @@ def test_model_returning_logits_and_aux_trains_on_a_loss_over_the_tuple(tmp_path
     assert len({r["final"] for r in results}) == 1
 
 
-def test_iterable_dataset_of_dict_batches_with_accumulation_and_per_step_lr(tmp_path):
-    results = runs(tmp_path, "iterable")
+def test_iterable_dataset_of_dict_batches_with_accumulation_and_per_step_lr(four_ranks):
+    results = four_ranks["iterable"]
     history = results[0]["history"]
     assert [row["epoch"] for row in history] == [0, 1, 2]
     assert history[-1]["val_accuracy"] is None  # a step_fn's dict batch has no target
@@ -51,18 +61,17 @@ def test_iterable_dataset_of_dict_batches_with_accumulation_and_per_step_lr(tmp_
     assert len({r["final"] for r in results}) == 1
 
 
-def test_every_registered_strategy_runs_from_its_defaults(tmp_path):
-    skip = [] if importlib.util.find_spec("horovod") else ["horovod"]
-    results = runs(tmp_path, "every_strategy", {"skip": skip})
+def test_every_registered_strategy_runs_from_its_defaults(four_ranks):
+    results = four_ranks["every_strategy"]
     from daso.strategies import STRATEGIES
 
-    assert set(results[0]) == set(STRATEGIES) - set(skip)
+    assert set(results[0]) == set(STRATEGIES) - set(HOROVOD_SKIP)
     for name, run in results[0].items():
         assert [row["window"] for row in run["rows"]] == list(range(8)), name
         assert all(math.isfinite(row["train_loss"]) for row in run["rows"]), name
         assert run["should_stop"] is False
         finals = [r[name]["final"] for r in results]
-        if name in ("ddp", "hierarchical", "daso", "horovod"):  # one model everywhere
+        if name in ("ddp", "hierarchical", "daso", "horovod", "passm"):  # one model everywhere
             assert len(set(finals)) == 1, name
         elif run["lockstep"] and name != "no_comm":  # one model per node (elastic, local)
             assert finals[0] == finals[1] and finals[2] == finals[3], name
@@ -93,3 +102,10 @@ def test_gradient_accumulation_equals_the_whole_batch(tmp_path):
             assert torch.allclose(whole, accumulated, atol=1e-6), (whole, accumulated)
         assert abs(result["loss1"] - result["loss2"]) < 1e-6
     assert all(torch.equal(a, b) for a, b in zip(results[0][2], results[1][2], strict=True))
+
+
+def test_control_plane_stop_vote_stops_every_rank_after_the_same_step(four_ranks):
+    results = four_ranks["control"]
+    assert {r["stopped_at"] for r in results} == {results[0]["stopped_at"]}
+    # flagged at step 3; the node round and the leaders' round are each read a step later
+    assert 3 < results[0]["stopped_at"] <= 6, results[0]
