@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import copy
 import time
 from typing import Any
 
@@ -93,29 +94,46 @@ def one_step(run: Distributed, model: torch.nn.Module, x: torch.Tensor, y: torch
 
 
 def scenario_block_step(groups: Any, params: dict[str, Any]) -> Any:
-    """Block-only mode from the first step: each rank in turn takes one step while the others
-    wait at a barrier (a quiescent model); what its step changed, tensor by tensor, and which
-    gradients autograd computed."""
+    """Two windows of 2 steps: full-model updates in the first, block-only in the second.
+    In each window's first step every rank in turn steps while the others wait at a barrier
+    (a quiescent model): what its step changed, tensor by tensor, which gradients autograd
+    computed, and (full-model step) the change against ``-lr (g / p + wd x)`` with ``g`` the
+    gradient a private copy of the model computes on the same batch (SGD's first momentum
+    step)."""
+    lr, wd = 0.1, 1e-4
     model = small_model()
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-4)
-    options = {"window_steps": 2, "full_model_windows": 0, "period": 100}
+    optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, weight_decay=wd)
+    options = {"window_steps": 2, "full_model_windows": 1, "period": 100}
     run = Distributed(
-        model, optimizer, "passm", options, steps_per_epoch=2, epochs=1, groups=groups
+        model, optimizer, "passm", options, steps_per_epoch=2, epochs=2, groups=groups
     )
     x, y = data(64).tensors
     rank, local = groups.topology.rank, groups.topology.local_rank
+    sharing = len(run.strategy.blocks)
     params_list = list(model.parameters())
-    result: dict[str, Any] = {"block": run.strategy.block}
-    for turn in range(groups.topology.world_size):
-        dist.barrier()
-        if turn == rank:
-            before = [p.detach().clone() for p in params_list]
-            one_step(run, model, x[16 * local : 16 * local + 16], y[16 * local : 16 * local + 16])
-            result["changed"] = [not torch.equal(b, p) for b, p in zip(before, params_list)]
-            result["has_grad"] = [p.grad is not None for p in params_list]
-        dist.barrier()
-    # the second step of the window, by all ranks at once, closes it with the blocking average
-    one_step(run, model, x[32:48], y[32:48])
+    batch = x[16 * local : 16 * local + 16], y[16 * local : 16 * local + 16]
+    result: dict[str, Any] = {"block": run.strategy.block, "sharing": sharing}
+    for phase in ("full", "block"):
+        for turn in range(groups.topology.world_size):
+            dist.barrier()
+            if turn == rank:
+                before = [p.detach().clone() for p in params_list]
+                private = copy.deepcopy(model)
+                loss = torch.nn.functional.cross_entropy(private(batch[0]), batch[1])
+                reference = torch.autograd.grad(loss, list(private.parameters()))
+                one_step(run, model, *batch)
+                result[f"{phase}_changed"] = [
+                    not torch.equal(b, p) for b, p in zip(before, params_list)
+                ]
+                result[f"{phase}_has_grad"] = [p.grad is not None for p in params_list]
+                if phase == "full":
+                    result["full_error"] = max(
+                        float((p - b + lr * (g / sharing + wd * b)).abs().max())
+                        for p, b, g in zip(params_list, before, reference)
+                    )
+            dist.barrier()
+        # the window's second step, by all ranks at once, closes it with the blocking average
+        one_step(run, model, x[32:48], y[32:48])
     result["final"] = [p.detach().clone() for p in params_list]
     run.close()
     return result

@@ -4,6 +4,8 @@ the nodes end every window equal, BatchNorm statistics stay sane, MNIST trains (
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -34,16 +36,36 @@ def test_a_write_by_one_rank_is_read_by_another_without_a_message(instrumented):
     assert "local rank 0: tensors 0-3" in results[0]["described"]
 
 
+def test_without_mpi_shared_memory_the_node_shares_a_dev_shm_file(tmp_path, monkeypatch):
+    """``daso emulate`` starts ranks with ``MPIR_CVAR_NOLOCAL=1``: MPI then will not share
+    memory between them, and the shared copy is a file in /dev/shm, unlinked at once."""
+    monkeypatch.setenv("MPIR_CVAR_NOLOCAL", "1")
+    before = set(Path("/dev/shm").glob("daso-shared-*"))
+    results = run_ranks("sharing", 2, "2", tmp_path, worker=WORKER, timeout=120)
+    assert [r["kind"] for r in results] == ["file", "file"]
+    assert all(r["waited"] < 20 for r in results)
+    assert set(Path("/dev/shm").glob("daso-shared-*")) == before  # nothing left behind
+
+
 def test_a_block_step_changes_only_the_ranks_own_block(instrumented):
     results = instrumented["block_step"]
     for r in results:
         start, stop = r["block"]
-        own = [start <= i < stop for i in range(len(r["changed"]))]
-        assert r["changed"] == own, r  # every other block bitwise unchanged
-        assert r["has_grad"] == own  # autograd computed this block's gradients only
+        own = [start <= i < stop for i in range(len(r["block_changed"]))]
+        assert r["block_changed"] == own, r  # every other block bitwise unchanged
+        assert r["block_has_grad"] == own  # autograd computed this block's gradients only
     # the window's end leaves every rank of every node with the same parameters
     for r in results[1:]:
         assert all(torch.equal(a, b) for a, b in zip(r["final"], results[0]["final"]))
+
+
+def test_a_full_model_step_applies_the_gradient_over_the_ranks_sharing_it(instrumented):
+    """``full_model_gradient: mean``: a rank's lock-free full-model step moves every tensor by
+    ``-lr (g / p + wd x)``, ``g`` computed independently on a private copy."""
+    for r in instrumented["block_step"]:
+        assert r["sharing"] == 2
+        assert all(r["full_changed"]) and all(r["full_has_grad"])
+        assert r["full_error"] < 1e-6, r["full_error"]
 
 
 def test_alternate_interleaves_block_and_full_model_steps(instrumented):

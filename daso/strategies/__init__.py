@@ -23,6 +23,9 @@ async_easgd   asynchronous EASGD: each node exchanges with a center held    Zhan
               by sharded parameter-server threads on its own clock          Algorithm 1
 downpour      each node pushes its accumulated update to the sharded        Dean et al. 2012
               center and pulls it back, on its own clock
+passm         the ranks of a node share one model in shared memory; each    Kungurtsev et al.
+              steps its own block of the parameters, lock-free; the nodes'  2021
+              copies are averaged every ``period`` steps
 ============  ===========================================================  ==================
 """
 

@@ -13,13 +13,18 @@ gradients of the other blocks and everything below the lowest tensor of its own 
 
 As in the authors' follow-up code (LPP-SGD), the first ``full_model_windows`` windows are
 lock-free full-model updates by every rank (Hogwild), then block-only updates, optionally
-alternating with full-model steps (``alternate``). Across nodes (and across GPUs of a node),
-the leader of each shared copy (its lowest local rank) averages it with the other copies
-over MPI every ``period`` steps, non-blocking, through the delta wire over a float32 anchor
-(as :mod:`daso.strategies.averaging`): it sends ``x - anchor`` and, when the sum arrives,
-adds ``mean - x_sent`` to the shared copy, so the node's progress made meanwhile is kept.
-Each window ends with a blocking average while the node's ranks wait at a barrier, so every
-rank of every node ends the window with bitwise-identical parameters.
+alternating with full-model steps (``alternate``). In a full-model step each of the ``p`` ranks
+applies ``gradient / p`` by default (``full_model_gradient: mean``), so one step of all ranks
+moves the model as far as one data-parallel step over their batches; ``sum`` is plain Hogwild
+(``p`` times that step: with the data-parallel LR it diverged in our ResNet-20 benchmark).
+
+Across nodes (and across GPUs of a node), the leader of each shared copy (its lowest local
+rank) averages it with the other copies over MPI every ``period`` steps, non-blocking,
+through the delta wire over a float32 anchor (as :mod:`daso.strategies.averaging`): it sends
+``x - anchor`` and, when the sum arrives, adds ``mean - x_sent`` to the shared copy, so the
+node's progress made meanwhile is kept. Each window ends with a blocking average while the
+node's ranks wait at a barrier, so every rank of every node ends the window with
+bitwise-identical parameters.
 
 BatchNorm: the running statistics live in the shared copy and every rank updates them in
 place from its own batches (a lock-free moving average over all of the node's batches); they
@@ -34,7 +39,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, Literal
 
 import torch
 import torch.distributed as dist
@@ -103,6 +108,11 @@ class PASSMOptions(StrategyOptions):
     alternate: bool = Field(
         False, description="After them, alternate block-only and full-model steps."
     )
+    full_model_gradient: Literal["mean", "sum"] = Field(
+        "mean",
+        description="Full-model steps apply gradient / ranks sharing the model (mean: one "
+        "step of all ranks moves it like one data-parallel step) or the whole gradient (sum).",
+    )
     period: int = Field(
         16, ge=1, description="Steps between the non-blocking averages of the shared copies."
     )
@@ -118,6 +128,12 @@ class PASSMStrategy(Strategy):
         full_model_windows: windows (epochs by default) of full-model updates at the start;
             ``None``: ``windows // 10``.
         alternate: after those, odd steps update the full model, even steps the block.
+        full_model_gradient: ``"mean"`` (default): in a full-model step each of the ``p``
+            ranks sharing the model applies ``gradient / p``, so the ``p`` lock-free updates
+            of one step add up to one step along the mean gradient of their batches, as
+            data-parallel SGD takes it (for SGD with momentum, linear in the gradient;
+            weight decay is applied by every rank); ``"sum"``: each rank applies its whole
+            gradient (plain Hogwild: ``p`` times the step).
         period: steps between non-blocking averages of the shared copies, >= 1.
         wire_dtype: dtype of ``x - anchor`` on the MPI wire.
 
@@ -150,6 +166,7 @@ class PASSMStrategy(Strategy):
         self._tensors: list[torch.Tensor] = []
         self._params: list[torch.Tensor] = []
         self._arrived: torch.Tensor | None = None  # a sum collected for a checkpoint
+        self._full = True
         self.block: tuple[int, int] = (0, 0)
 
     # -- set-up ------------------------------------------------------------------------------
@@ -218,6 +235,14 @@ class PASSMStrategy(Strategy):
         start, stop = self.block
         for index, param in enumerate(self._params):
             param.requires_grad_(full or start <= index < stop)
+        self._full = full
+
+    def after_backward(self, batch: int) -> None:
+        sharing = len(self.blocks)
+        if self._full and sharing > 1 and self.options.full_model_gradient == "mean":
+            for param in self._params:
+                if param.grad is not None:
+                    param.grad.div_(sharing)
 
     def begin_window(self, window: int, num_steps: int) -> None:
         super().begin_window(window, num_steps)
