@@ -13,6 +13,7 @@ from torch.utils.data import TensorDataset
 
 from daso.config import load_config
 from daso.distributed import Distributed
+from daso.errors import ConfigError
 from daso.trainer import Trainer
 
 from mpi_harness import worker_main
@@ -158,6 +159,17 @@ def scenario_alternate(groups: Any, params: dict[str, Any]) -> Any:
     return result
 
 
+def scenario_too_many_ranks(groups: Any, params: dict[str, Any]) -> Any:
+    """A model of one tensor on nodes of 2 ranks: the error every rank raises."""
+    model = torch.nn.Linear(8, 2, bias=False)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    try:
+        Distributed(model, optimizer, "passm", {}, steps_per_epoch=2, epochs=1, groups=groups)
+    except ConfigError as err:
+        return str(err)
+    return None
+
+
 def scenario_batchnorm(groups: Any, params: dict[str, Any]) -> Any:
     """Two epochs of the small BatchNorm model with ``params['strategy']``; the BatchNorm
     running statistics at the end, and the mean and variance of the BatchNorm layer's input
@@ -199,6 +211,7 @@ if __name__ == "__main__":
             "sharing": scenario_sharing,
             "block_step": scenario_block_step,
             "alternate": scenario_alternate,
+            "too_many_ranks": scenario_too_many_ranks,
             "batchnorm": scenario_batchnorm,
         }
     )

@@ -22,7 +22,7 @@ MNIST_POINTS_BEHIND_DDP = 0.015
 def instrumented(request, tmp_path_factory):
     """The sharing, block-step and alternation scenarios on nodes of 2 ranks (1 or 2 nodes),
     in one job."""
-    scenarios = {"sharing": {}, "block_step": {}, "alternate": {}}
+    scenarios = {"sharing": {}, "block_step": {}, "alternate": {}, "too_many_ranks": {}}
     out = tmp_path_factory.mktemp(f"passm{request.param}")
     return run_batch(scenarios, request.param, "2", out, worker=WORKER, timeout=120)
 
@@ -66,6 +66,13 @@ def test_a_full_model_step_applies_the_gradient_over_the_ranks_sharing_it(instru
         assert r["sharing"] == 2
         assert all(r["full_changed"]) and all(r["full_has_grad"])
         assert r["full_error"] < 1e-6, r["full_error"]
+
+
+def test_more_ranks_than_tensors_stops_every_rank_with_one_line(instrumented):
+    for message in instrumented["too_many_ranks"]:
+        assert message is not None and "\n" not in message
+        assert "2 ranks share the model but it has 1 trainable tensors" in message
+        assert "use fewer ranks per node" in message
 
 
 def test_alternate_interleaves_block_and_full_model_steps(instrumented):

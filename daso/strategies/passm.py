@@ -192,6 +192,17 @@ class PASSMStrategy(Strategy):
         world = MPI.COMM_WORLD
         gpu = device.index if device.type == "cuda" and device.index is not None else 0
         share_comm = world.Split(topo.node_rank * 4096 + gpu, key=topo.rank)
+        error = None
+        try:
+            self.blocks = partition_blocks([p.numel() for p in self._params], share_comm.Get_size())
+        except ConfigError as err:
+            error = err
+        if not world.allreduce(error is None, op=MPI.LAND):  # every rank stops, not one node
+            raise error or ConfigError(
+                "passm: another node has more ranks than the model has trainable tensors; "
+                "use fewer ranks per node"
+            )
+        self.block = self.blocks[share_comm.Get_rank()]
         initial = FlatBuffer(tensors, device=device).pack()
         self.shared = share_vector(share_comm, initial, device)
         offset = 0
@@ -199,8 +210,6 @@ class PASSMStrategy(Strategy):
             n = tensor.numel()
             tensor.data = self.shared.flat[offset : offset + n].view_as(tensor)
             offset += n
-        self.blocks = partition_blocks([p.numel() for p in self._params], share_comm.Get_size())
-        self.block = self.blocks[share_comm.Get_rank()]
         self.leader = share_comm.Get_rank() == 0
         leaders = world.Split(0 if self.leader else MPI.UNDEFINED, key=topo.rank)
         self.copies = share_comm.bcast(leaders.Get_size() if self.leader else 0, root=0)
