@@ -217,6 +217,17 @@ def cmd_train(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _epoch_count(text: str) -> int:
+    """``--stop-at-epoch``'s value: an integer >= 1 (argparse reports the error, exit 2)."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of epochs >= 1")
+    return value
+
+
 def cmd_info(args: argparse.Namespace) -> int:
     """Print the detected topology of every rank (rank 0 prints all)."""
     from mpi4py import MPI
@@ -309,7 +320,7 @@ def make_parser() -> argparse.ArgumentParser:
     )
     train.add_argument(
         "--stop-at-epoch",
-        type=int,
+        type=_epoch_count,
         metavar="N",
         help="stop after N epochs in all (checkpoint, exit code 75), e.g. to fit a job's time "
         "limit; --resume auto continues",

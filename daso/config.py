@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
 import yaml
-from pydantic import Field, ValidationError, create_model, model_validator
+from pydantic import Field, ValidationError, create_model, field_validator, model_validator
 
 from daso.errors import ConfigError
 from daso.options import Section
@@ -101,7 +101,12 @@ class TrainerConfig(Section):
         description="Optimizer steps per epoch: required for an IterableDataset, a cap for "
         "a sized one (empty = the whole data set).",
     )
-    num_threads: int | None = Field(None, ge=1, description="torch.set_num_threads per rank.")
+    num_threads: int | None = Field(
+        None,
+        ge=1,
+        description="torch.set_num_threads per rank, at most the machine's cores (empty: "
+        "torch's default).",
+    )
     progress: bool = Field(True, description="tqdm progress bar on rank 0.")
     timeout_seconds: float = Field(
         300.0,
@@ -118,6 +123,14 @@ class TrainerConfig(Section):
         "stop",
         description="NaN/Inf loss or gradient: stop with an error, or skip the step on all ranks.",
     )
+
+    @field_validator("num_threads")
+    @classmethod
+    def _at_most_the_cores(cls, value: int | None) -> int | None:
+        cores = os.cpu_count() or 1
+        if value is not None and value > cores:  # torch segfaults on absurd thread counts
+            raise ValueError(f"{value} exceeds this machine's {cores} cores; use at most {cores}")
+        return value
 
 
 class CheckpointConfig(Section):
@@ -320,6 +333,8 @@ def format_validation_error(error: ValidationError, source: str) -> str:
 
 def _read_yaml(path: Path) -> dict[str, Any]:
     """The YAML mapping in ``path``; ConfigError if it is missing, unreadable or not a mapping."""
+    if path.is_dir():
+        raise ConfigError(f"config file {path} is a directory; pass a YAML file inside it")
     if not path.is_file():
         raise ConfigError(f"config file {path} does not exist; pass an existing YAML file")
     try:
@@ -339,7 +354,10 @@ def _read_yaml(path: Path) -> dict[str, Any]:
     except yaml.YAMLError as err:
         raise ConfigError(f"{path}: malformed YAML: {err}") from None
     if data is None:
-        return {}
+        raise ConfigError(
+            f"config file {path} is empty; write the sections to change (e.g. 'trainer:' and "
+            "'  epochs: 10' below it), or leave out --config to run every default"
+        )
     if not isinstance(data, dict):
         raise ConfigError(
             f"{path}: the top level must be a mapping of sections, got {type(data).__name__}; "

@@ -318,3 +318,12 @@ def test_cli_schedule_longer_than_the_windows_exits_2_before_training(tmp_path):
     assert result.stderr.count("exceeds the run's 2 windows") == 1, result.stderr
     assert "window_steps" in result.stderr
     assert not (output / "metrics.jsonl").exists()
+
+
+@pytest.mark.parametrize("value", ["-1", "0", "two"])
+def test_cli_stop_at_epoch_must_be_a_positive_count(tmp_path, value):
+    config = ROOT / "configs" / "mnist_cnn_ddp.yaml"
+    args = [*train_args(config, tmp_path / "out"), "--stop-at-epoch", value]
+    result = subprocess.run(args, cwd=tmp_path, env=mpi_env(None), capture_output=True, text=True)
+    assert result.returncode == 2
+    assert f"{value!r} is not a number of epochs >= 1" in result.stderr

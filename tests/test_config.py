@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import inspect
+import os
 import re
 import typing
 from pathlib import Path
@@ -105,6 +106,21 @@ def test_inconsistent_warmup_and_cooldown(tmp_path):
 def test_missing_config_file(tmp_path):
     with pytest.raises(ConfigError, match="does not exist"):
         load_config(tmp_path / "nope.yaml")
+
+
+def test_a_directory_or_an_empty_file_as_config_is_named_as_such(tmp_path):
+    with pytest.raises(ConfigError, match="is a directory; pass a YAML file inside it"):
+        load_config(tmp_path)
+    for text in ("", "# only a comment\n"):
+        with pytest.raises(ConfigError, match="is empty; write the sections to change"):
+            load_config(write(tmp_path, text))
+
+
+def test_num_threads_is_bounded_by_the_cores():
+    cores = os.cpu_count() or 1
+    assert load_config(None, [f"trainer.num_threads={cores}"]).trainer.num_threads == cores
+    with pytest.raises(ConfigError, match=f"exceeds this machine's {cores} cores"):
+        load_config(None, ["trainer.num_threads=100000"])
 
 
 def test_overrides_are_typed_and_validated():

@@ -179,7 +179,7 @@ class PASSMStrategy(Strategy):
 
     def wrap(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> torch.nn.Module:
         self.optimizer, self.model = optimizer, model
-        tensors, param_numel = synced_state_tensors(model)
+        tensors, _ = synced_state_tensors(model)
         odd = [tuple(t.shape) for t in tensors if t.dtype != torch.float32]
         if odd:
             raise ConfigError(
