@@ -133,6 +133,8 @@ def worker_main(scenarios: dict[str, Any]) -> None:
             folder = out / label
             folder.mkdir(exist_ok=True)
             scenario = scenarios[scenario_params.pop("scenario", label)]
+            if groups.topology.rank == 0:  # a failure's output then names the scenario
+                print(f"batch: running {label}", file=sys.stderr, flush=True)
             result[label] = scenario(groups, {"out": str(folder), **scenario_params})
     else:
         result = scenarios[name](groups, params)
