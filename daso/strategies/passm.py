@@ -240,7 +240,10 @@ class PASSMStrategy(Strategy):
         return self.options.alternate and self.step % 2 == 1
 
     def _set_full(self, full: bool) -> None:
-        """Gradients for every parameter (``full``), or for this rank's block only."""
+        """Gradients for every parameter (``full``), or for this rank's block only; a no-op
+        when the mode does not change (the model starts with every gradient on)."""
+        if full == self._full:
+            return
         start, stop = self.block
         for index, param in enumerate(self._params):
             param.requires_grad_(full or start <= index < stop)
