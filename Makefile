@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 # The CPU build of PyTorch; an unpinned torch would pull the multi-GB CUDA build.
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: install demo test clean horovod
+.PHONY: install demo test test-cluster clean horovod
 
 install: $(VENV)/.installed
 
@@ -21,6 +21,11 @@ demo: install
 
 test: install
 	$(PY) -m pytest -q
+
+# Tests that need root services (a Docker daemon, a two-node Slurm cluster on this host); each
+# set-up script installs what its tests need (Debian packages) and starts it. CI runs this.
+test-cluster: install
+	$(PY) -m pytest -q tests/cluster
 
 clean:
 	rm -rf $(VENV) runs .cache .pytest_cache
