@@ -1,8 +1,10 @@
 """Cross-node sums over MPI: blocking and non-blocking, with 16-bit wire formats.
 
-One :class:`CrossNodeSum` per rank of a cross-node communicator ``C_i``. It owns a host
+One :class:`CrossNodeSum` per rank of a cross-node communicator ``C_i``. It owns a wire
 buffer in the wire dtype (bfloat16 by default, as in the DASO paper section 3.2; float16 or
-float32 by config), downcasts the flat parameters into it, and sums it over the nodes.
+float32 by config), downcasts the flat parameters into it, and sums it over the nodes. The
+buffer is host memory (pinned on CUDA, filled on a side stream), or GPU memory handed to a
+CUDA-aware MPI (:mod:`daso.comm.cuda_aware`).
 
 MPI libraries do not progress a non-blocking collective over TCP on their own, so every
 collective runs on a dedicated communication thread (``MPI_THREAD_MULTIPLE``): the main thread
@@ -27,6 +29,7 @@ from typing import Any
 import torch
 from mpi4py import MPI
 
+from daso.comm.cuda_aware import cross_node_path
 from daso.errors import CommTimeoutError
 
 WIRE_DTYPES: dict[str, torch.dtype] = {
@@ -60,11 +63,13 @@ def mpi_sum(dtype: torch.dtype) -> tuple[Any, Any, bool]:
 
 
 def mpi_buffer(tensor: torch.Tensor) -> list[Any]:
-    """``[buffer, datatype]`` for handing a contiguous CPU tensor (float32/bf16/fp16) to MPI."""
+    """``[buffer, datatype]`` for handing a contiguous tensor (float32/bf16/fp16) to MPI: a
+    CPU tensor as a NumPy array, a CUDA tensor as itself (mpi4py reads its device pointer
+    through DLPack / the CUDA Array Interface; only for a CUDA-aware MPI)."""
     datatype, _, _ = mpi_sum(tensor.dtype)
     if tensor.element_size() == 2:
         tensor = tensor.view(torch.int16)
-    return [tensor.numpy(), datatype]
+    return [tensor.numpy() if tensor.device.type == "cpu" else tensor, datatype]
 
 
 @dataclasses.dataclass
@@ -96,13 +101,19 @@ class CrossNodeSum:
         numel: capacity: the longest vector that will be summed (shorter ones use a prefix).
         wire_dtype: dtype sent over MPI (``torch.bfloat16``, ``torch.float16``, ``torch.float32``).
         device: device of the vectors passed to :meth:`start`; CUDA vectors are staged through
-            pinned host memory with the copies on a side stream.
+            pinned host memory with the copies on a side stream, or handed to a CUDA-aware
+            MPI as device buffers (``cuda_aware_mpi``).
         timeout: seconds to wait for a sum before :class:`CommTimeoutError`.
         poll_interval: longest sleep, in seconds, of the communication thread between
             ``MPI_Test`` calls (the sleep starts at 50 us and doubles while nothing completes);
-            0 drives the collective with MPI's blocking call.
+            0 drives the collective with MPI's blocking call. Device buffers always use the
+            blocking call (CUDA-aware MPIs do not all take them in non-blocking collectives).
+        cuda_aware_mpi: ``"auto"``, ``"on"`` or ``"off"``: whether CUDA vectors go to MPI as
+            device buffers (:func:`daso.comm.cuda_aware.cross_node_path` decides; no effect on
+            CPU).
 
     Attributes:
+        path: the :class:`~daso.comm.cuda_aware.CrossNodePath` taken.
         bytes_sent: bytes of wire buffers this rank has handed to MPI (payload, not wire
             traffic, which depends on MPI's algorithm).
         wait_seconds: seconds the caller spent blocked in :meth:`wait`.
@@ -116,9 +127,11 @@ class CrossNodeSum:
         device: torch.device | str = "cpu",
         timeout: float = 300.0,
         poll_interval: float = 0.0,
+        cuda_aware_mpi: str = "auto",
     ) -> None:
         self.comm = comm
         self.device = torch.device(device)
+        self.path = cross_node_path(cuda_aware_mpi, self.device, wire_dtype)
         self.timeout = timeout
         self.poll_interval = poll_interval
         self.bytes_sent = 0
@@ -144,8 +157,11 @@ class CrossNodeSum:
             return
         if self.pending is not None:
             raise RuntimeError("cannot grow the buffers while a sum is in flight")
-        pin = self._stream is not None
-        self.wire = torch.zeros(numel, dtype=self.wire_dtype, pin_memory=pin)
+        if self.path.device_buffers:
+            self.wire = torch.zeros(numel, dtype=self.wire_dtype, device=self.device)
+        else:
+            pin = self._stream is not None
+            self.wire = torch.zeros(numel, dtype=self.wire_dtype, pin_memory=pin)
         self._result = torch.empty(numel, dtype=torch.float32, device=self.device)
 
     def _allreduce(self, ready: Any, numel: int) -> None:
@@ -153,7 +169,7 @@ class CrossNodeSum:
         if ready is not None:
             ready.synchronize()
         buffer = mpi_buffer(self.wire[:numel])
-        if self.poll_interval <= 0:
+        if self.poll_interval <= 0 or self.path.device_buffers:
             self.comm.Allreduce(MPI.IN_PLACE, buffer, op=self._op)
         else:
             request = self.comm.Iallreduce(MPI.IN_PLACE, buffer, op=self._op)
@@ -219,7 +235,7 @@ class CrossNodeSum:
         finally:
             self.wait_seconds += time.perf_counter() - begin
         result = self._result[: pending.numel]
-        if self._stream is not None:  # CUDA: host-to-device copy on the caller's stream
+        if self._stream is not None:  # CUDA: upcast (from host or device) on the caller's stream
             result.copy_(self.wire[: pending.numel], non_blocking=True)
         return result
 
