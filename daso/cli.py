@@ -185,6 +185,15 @@ def cmd_train(args: argparse.Namespace) -> int:
     model, train_set, val_set = build_data_and_model(config)
     resume = _checkpoint_to_resume(args.resume, config) if args.resume else None
     trainer = build_trainer(config, model)
+    if trainer.rank == 0:
+        topo = trainer.topology
+        log.info(
+            "topology: %d node(s), ranks per node %s, world size %d (layout from %s)",
+            topo.num_nodes,
+            topo.ranks_per_node,
+            topo.world_size,
+            topo.source,
+        )
     trainer.stop_at_epoch = args.stop_at_epoch
     try:
         if resume is not None:

@@ -132,6 +132,33 @@ def read_launcher_env(env: Mapping[str, str] | None = None) -> LauncherInfo:
     return LauncherInfo("none", 0, 1, 0, 1, None, ())
 
 
+def with_slurm_step_ids(info: LauncherInfo, env: Mapping[str, str]) -> LauncherInfo:
+    """``info`` plus Slurm's node id and local rank when the launcher names no node but the
+    process is task ``info.rank`` of a Slurm step of the same size.
+
+    ``srun --mpi=pmi2`` sets ``PMI_RANK``/``PMI_SIZE``, so the MPICH row of the launcher table
+    wins, and it says nothing of nodes; ``SLURM_NODEID``/``SLURM_LOCALID`` do. Host names would
+    do as well on a real cluster, but not where several ``slurmd`` share one host. A process
+    that only inherited Slurm's variables (``mpiexec`` inside a job step) has a rank or world
+    size that differs from ``SLURM_PROCID``/``SLURM_NTASKS`` and is returned unchanged.
+    """
+    names = ("SLURM_PROCID", "SLURM_NTASKS", "SLURM_LOCALID", "SLURM_NODEID")
+    if info.node_id is not None or not all(name in env for name in names):
+        return info
+    try:
+        procid, ntasks, local, node = (int(env[name]) for name in names)
+    except ValueError:
+        return info
+    if (procid, ntasks) != (info.rank, info.world_size):
+        return info
+    return dataclasses.replace(
+        info,
+        local_rank=local if info.local_rank is None else info.local_rank,
+        node_id=node,
+        variables=info.variables + tuple((name, env[name]) for name in names),
+    )
+
+
 def layout_from_override(spec: str, world_size: int) -> list[int]:
     """Node index of every rank from a ``DASO_RANKS_PER_NODE`` value (emulated nodes).
 
@@ -345,8 +372,14 @@ def detect_topology(comm: Any | None = None, env: Mapping[str, str] | None = Non
     if info.source == "none" and comm.Get_size() > 1:
         info = LauncherInfo("mpi", comm.Get_rank(), comm.Get_size())
     if comm.Get_size() == info.world_size and comm.Get_rank() == info.rank:
-        key = (info.node_id, "") if info.node_id is not None else (None, hostname)
-        all_keys = comm.allgather(key) if info.world_size > 1 else [key]
+        stepped = with_slurm_step_ids(info, env)
+        key = (stepped.node_id, hostname)
+        gathered = comm.allgather(key) if info.world_size > 1 else [key]
+        if all(node is not None for node, _ in gathered):
+            info, all_keys = stepped, [node for node, _ in gathered]
+        else:  # not every rank knows its Slurm node: host names for all, never a mix
+            info = dataclasses.replace(info, node_id=None)
+            all_keys = [host for _, host in gathered]
     elif info.world_size == 1:
         all_keys = None
     else:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import socket
 import sys
 
 import pytest
@@ -10,10 +11,12 @@ from daso.errors import TopologyError
 from daso.topology import (
     LauncherInfo,
     Topology,
+    detect_topology,
     layout_from_keys,
     layout_from_override,
     read_launcher_env,
     resolve_topology,
+    with_slurm_step_ids,
 )
 
 from mpi_harness import run_command
@@ -157,3 +160,55 @@ def test_daso_info_with_impossible_layout_fails_clearly():
     assert result.returncode != 0
     assert "DASO_RANKS_PER_NODE='3' with world size 4" in result.stderr
     assert "does not divide" in result.stderr
+
+
+class _GatherComm:
+    """A stand-in MPI world of ``len(keys)`` ranks seen from ``rank``: ``allgather`` returns
+    the other ranks' keys from ``keys`` and this rank's own key."""
+
+    def __init__(self, rank, keys):
+        self.rank, self.keys = rank, keys
+
+    def Get_rank(self):  # noqa: N802 - mpi4py's names
+        return self.rank
+
+    def Get_size(self):  # noqa: N802
+        return len(self.keys)
+
+    def allgather(self, key):
+        return [key if r == self.rank else k for r, k in enumerate(self.keys)]
+
+
+def _srun_pmi2_env(rank, node, local, world=4):
+    """What ``srun --mpi=pmi2`` gives task ``rank``: PMI's rank and size and Slurm's ids."""
+    return {
+        "PMI_RANK": str(rank),
+        "PMI_SIZE": str(world),
+        "PMI_FD": "11",
+        "SLURM_PROCID": str(rank),
+        "SLURM_NTASKS": str(world),
+        "SLURM_LOCALID": str(local),
+        "SLURM_NODEID": str(node),
+    }
+
+
+def test_srun_pmi2_layout_comes_from_slurm_node_ids_even_on_one_host():
+    """srun --mpi=pmi2 sets PMI_RANK (the MPICH row wins) and no MPICH local rank: the nodes
+    still come from SLURM_NODEID, so two slurmd on one host are two nodes."""
+    host = socket.gethostname()
+    keys = [(0, host), (0, host), (1, host), (1, host)]
+    topo = detect_topology(_GatherComm(3, keys), _srun_pmi2_env(3, node=1, local=1))
+    assert topo.ranks_per_node == [2, 2] and topo.source == "slurm"
+    assert topo.node_rank == 1 and topo.local_rank == 1
+
+
+def test_slurm_ids_of_a_different_world_are_ignored_and_never_mixed():
+    """mpiexec inside a batch step: every rank inherits SLURM_PROCID=0, so only rank 0's
+    Slurm ids match its own rank; all ranks then group by host name."""
+    env = {**_srun_pmi2_env(0, node=0, local=0), "MPI_LOCALRANKID": "0"}
+    host = socket.gethostname()
+    keys = [(0, host), (None, host), (None, host), (None, host)]
+    topo = detect_topology(_GatherComm(0, keys), env)
+    assert topo.ranks_per_node == [4] and topo.source == "hostname"
+    other = {**_srun_pmi2_env(2, node=0, local=0), "SLURM_PROCID": "0", "MPI_LOCALRANKID": "2"}
+    assert with_slurm_step_ids(read_launcher_env(other), other).node_id is None
