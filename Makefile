@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 # The CPU build of PyTorch; an unpinned torch would pull the multi-GB CUDA build.
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: install demo test test-cluster clean horovod
+.PHONY: install demo test test-cluster clean horovod docker
 
 install: $(VENV)/.installed
 
@@ -33,3 +33,8 @@ clean:
 # Horovod 0.28.1 needs a C++17 build against this torch: see docker/install_horovod.sh.
 horovod: install
 	docker/install_horovod.sh
+
+# The CPU image daso:cpu (docker/Dockerfile), as root; where Docker or a base image is missing,
+# docker/build.sh installs Docker, starts dockerd and makes a base image with debootstrap.
+docker:
+	docker/build.sh --build-arg TORCH_SPEC="$(TORCH_SPEC)"
