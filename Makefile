@@ -16,8 +16,10 @@ $(VENV)/.installed: pyproject.toml Makefile
 	$(PY) -m pip install --quiet -e ".[mpich,test]"
 	touch $@
 
+# A new run each time (trainer.overwrite: the demo replaces the previous demo's results)
 demo: install
-	launch/local.sh --nodes 2 --ranks-per-node 2 configs/mnist_cnn_daso.yaml
+	launch/local.sh --nodes 2 --ranks-per-node 2 configs/mnist_cnn_daso.yaml \
+		--set trainer.overwrite=true
 
 test: install
 	$(PY) -m pytest -q

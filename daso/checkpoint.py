@@ -21,6 +21,7 @@ either the whole file or none of it; the checksum catches later damage.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import io
 import logging
@@ -35,6 +36,7 @@ import torch
 import torch.distributed as dist
 
 from daso.errors import CheckpointError
+from daso.log import ONCE
 
 log = logging.getLogger(__name__)
 
@@ -57,8 +59,33 @@ def serialize(obj: Any) -> bytes:
 
 def deserialize(data: bytes, device: torch.device | str = "cpu") -> Any:
     """Inverse of :func:`serialize`; tensors land on ``device``. Only plain data is unpickled
-    (``weights_only``), so a checkpoint cannot run code."""
-    return torch.load(io.BytesIO(data), map_location=device, weights_only=True)
+    (``weights_only``), so a checkpoint cannot run code.
+
+    Raises:
+        CheckpointError: ``data`` is not a torch archive of plain data (the message never
+            suggests loading it unsafely).
+    """
+    try:
+        return torch.load(io.BytesIO(data), map_location=device, weights_only=True)
+    except Exception as err:  # noqa: BLE001 - torch raises many types for a bad archive
+        raise CheckpointError(_unreadable_reason(err)) from None
+
+
+#: The object torch's safe unpickler refused, from its message.
+_REFUSED = re.compile(r"Unsupported global: GLOBAL (\S+)")
+
+
+def _unreadable_reason(err: BaseException) -> str:
+    """Why an archive cannot be read, in one line, without torch's advice to load it unsafely
+    (``weights_only=False`` runs whatever code the file holds; checkpoints are untrusted)."""
+    refused = _REFUSED.search(str(err))
+    if refused:
+        return (
+            f"it holds a Python object ({refused[1]}) that daso never writes; daso reads only "
+            "tensors and plain data from checkpoints, so it was not written by daso or is damaged"
+        )
+    first = str(err).strip().splitlines()[0] if str(err).strip() else ""
+    return f"its contents are not a readable torch archive ({type(err).__name__}: {first[:200]})"
 
 
 def _to_cpu(obj: Any) -> Any:
@@ -130,10 +157,32 @@ def list_checkpoints(folder: str | os.PathLike[str]) -> list[Path]:
     return [p for _, p in sorted(ranked, reverse=True)]
 
 
-def prune(folder: Path, keep: int) -> None:
-    """Delete all but the newest ``keep`` checkpoints in ``folder``."""
-    for old in list_checkpoints(folder)[keep:]:
-        old.unlink(missing_ok=True)
+def _position(name: str) -> tuple[int, int]:
+    match = NAME.match(name)
+    return (int(match[1]), int(match[2])) if match else (-1, -1)
+
+
+def newest_names(names: Sequence[str], keep: int) -> list[str]:
+    """The newest ``keep`` of the checkpoint file ``names`` (highest epoch, then batch), newest
+    first; names that are not checkpoint names are dropped."""
+    ranked = sorted({n for n in names if NAME.match(n)}, key=_position, reverse=True)
+    return ranked[:keep]
+
+
+def prune(folder: Path, keep: int, own: Sequence[str]) -> list[str]:
+    """Delete this run's checkpoints in ``folder`` beyond the newest ``keep``.
+
+    Only the files named in ``own`` (this run's checkpoints, oldest to newest in any order) are
+    ever deleted: another run's checkpoints and files that merely look like checkpoints are
+    left alone and never push this run's out.
+
+    Returns:
+        The names kept, newest first.
+    """
+    kept = newest_names(own, keep)
+    for name in set(own) - set(kept):
+        (folder / name).unlink(missing_ok=True)
+    return kept
 
 
 def gather_and_save(
@@ -144,6 +193,7 @@ def gather_and_save(
     rank_extra: dict[str, Any],
     keep: int,
     group: dist.ProcessGroup | None = None,
+    own: Sequence[str] = (),
 ) -> None:
     """Collective over ``group`` (all ranks): gather every rank's state to rank 0 and write it.
 
@@ -154,9 +204,10 @@ def gather_and_save(
         rank_state: this rank's own state (model, optimizer, strategy, ...); ranks with equal
             bytes are stored once.
         rank_extra: this rank's small own data (RNG states, counters), stored per rank.
-        keep: newest checkpoints kept in ``path``'s folder after the write.
+        keep: newest checkpoints of this run kept in ``path``'s folder after the write.
         group: the world process group (``None``: the default group; without
             ``torch.distributed``, a single process).
+        own: names of this run's earlier checkpoints in that folder: the only files pruned.
 
     Raises:
         CheckpointError: on every rank, if rank 0 could not write the file (the message holds
@@ -166,7 +217,7 @@ def gather_and_save(
     state_blob = serialize(rank_state)
     digest = hashlib.sha256(state_blob).hexdigest()
     if not dist.is_initialized():
-        _write(path, meta, shared, [state_blob], [0], [extra], keep)
+        _write(path, meta, shared, [state_blob], [0], [extra], keep, own)
         return
     group = group or dist.group.WORLD
     world = dist.get_world_size(group)
@@ -194,12 +245,30 @@ def gather_and_save(
         states = [blobs[owners[d]] for d in order]
         index = [order.index(d) for d in digests]
         try:
-            _write(path, meta, shared, states, index, extras, keep)
+            _write(path, meta, shared, states, index, extras, keep, own)
         except OSError as err:
-            error[0] = f"rank 0 could not write checkpoint {path}: {err}"
+            error[0] = write_failure(path, err, sum(map(len, states)))
     dist.broadcast_object_list(error, src=0, group=group)
     if error[0] is not None:
         raise CheckpointError(error[0])
+
+
+def write_failure(path: Path, err: OSError, size: int) -> str:
+    """The one-line message for a checkpoint that could not be written, with the fix."""
+    mb = size / 1e6
+    if err.errno == errno.ENOSPC:
+        fix = (
+            f"free space there (each checkpoint needs about {mb:.0f} MB), lower checkpoint.keep, "
+            "or set checkpoint.dir to a folder with room"
+        )
+    elif err.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        fix = "make the folder writable, or set checkpoint.dir to a writable folder"
+    else:
+        fix = "check the folder, or set checkpoint.dir to another one"
+    return (
+        f"rank 0 could not write checkpoint {path}: {err.strerror or err}; {fix} "
+        "(older checkpoints are intact)"
+    )
 
 
 def _write(
@@ -210,6 +279,7 @@ def _write(
     index: list[int],
     extras: list[bytes],
     keep: int,
+    own: Sequence[str],
 ) -> None:
     payload = serialize(
         {
@@ -221,7 +291,7 @@ def _write(
         }
     )
     write_atomic(path, payload)
-    prune(path.parent, keep)
+    prune(path.parent, keep, [*own, path.name])
     log.info(
         "checkpoint %s written (%.1f MB, %d distinct rank states)",
         path,
@@ -257,9 +327,46 @@ def read_checkpoint(path: str | os.PathLike[str]) -> dict[str, Any]:
             "(a partial copy or damaged disk); resume from an older one, or --resume auto"
         )
     try:
-        return deserialize(payload)
-    except Exception as err:  # noqa: BLE001 - a checksummed payload that torch cannot read
-        raise CheckpointError(f"checkpoint {path} cannot be read: {err}") from None
+        checkpoint = deserialize(payload)
+        _check_structure(checkpoint)
+        for blob in [*checkpoint["states"], *checkpoint["rank_extra"]]:
+            deserialize(blob)
+    except CheckpointError as err:
+        raise CheckpointError(
+            f"checkpoint {path} cannot be read: {err}; resume from an older one, or "
+            "--resume auto (which skips it)"
+        ) from None
+    return checkpoint
+
+
+#: What every checkpoint's ``meta`` holds (see the module docstring).
+META_KEYS = ("model", "strategy", "world_size", "layout", "epoch", "batch", "model_signature")
+
+
+def _check_structure(checkpoint: Any) -> None:
+    """Raise :class:`CheckpointError` unless ``checkpoint`` has the layout
+    :func:`gather_and_save` writes (so a well-formed but foreign archive is refused here, not
+    by a ``KeyError`` half-way through a resume)."""
+    if not isinstance(checkpoint, dict):
+        raise CheckpointError(f"its payload is a {type(checkpoint).__name__}, not a dict")
+    missing = [
+        k for k in ("meta", "shared", "states", "rank_state", "rank_extra") if k not in checkpoint
+    ]
+    if missing:
+        raise CheckpointError(f"its payload lacks {missing}")
+    meta, states = checkpoint["meta"], checkpoint["states"]
+    if not isinstance(meta, dict) or any(k not in meta for k in META_KEYS):
+        raise CheckpointError(f"its meta lacks some of {list(META_KEYS)}")
+    index, extras = checkpoint["rank_state"], checkpoint["rank_extra"]
+    world = meta["world_size"]
+    if (
+        not isinstance(states, list)
+        or not all(isinstance(b, bytes) for b in [*states, *extras])
+        or len(index) != world
+        or len(extras) != world
+        or any(not isinstance(i, int) or not 0 <= i < len(states) for i in index)
+    ):
+        raise CheckpointError(f"its per-rank states do not match its {world} ranks")
 
 
 def newest_valid(folder: str | os.PathLike[str]) -> tuple[Path, dict[str, Any]] | None:
@@ -269,7 +376,7 @@ def newest_valid(folder: str | os.PathLike[str]) -> tuple[Path, dict[str, Any]] 
         try:
             return path, read_checkpoint(path)
         except CheckpointError as err:
-            log.warning("skipping %s; trying the one before", err)
+            log.warning("skipping %s; trying the one before", err, extra=ONCE)
     return None
 
 

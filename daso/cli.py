@@ -1,4 +1,4 @@
-"""The ``daso`` command: ``train``, ``info`` and ``config-reference``.
+"""The ``daso`` command: ``train``, ``info``, ``emulate``, ``plot`` and ``config-reference``.
 
 ``daso train`` runs the same way under ``mpiexec``/``mpirun``, ``srun``, ``torchrun`` or as a
 single process; the launcher is detected from its environment (:mod:`daso.topology`).
@@ -124,6 +124,7 @@ def build_data_and_model(config: Any) -> tuple[Any, Any, Any]:
     import torch
 
     from daso.config import check_launch, check_writable
+    from daso.loggers import check_loggers
     from daso.models import build_model
     from daso.topology import read_launcher_env
 
@@ -137,6 +138,7 @@ def build_data_and_model(config: Any) -> tuple[Any, Any, Any]:
         _data_classes(config, train_set),
     )
     check_writable(config)
+    check_loggers(config.trainer.loggers)
     torch.manual_seed(config.trainer.seed)
     name = config.model.name
     if name == "char_transformer":
@@ -176,14 +178,22 @@ def build_trainer(config: Any, model: Any, groups: Any = None) -> Any:
 def cmd_train(args: argparse.Namespace) -> int:
     """Load and validate the config and data, then train; every rank runs this.
 
-    Bad input (config, data path, a batch size the world size cannot feed) raises
-    ConfigError/DataError before any process group or output folder is created.
+    Bad input (config, data path, a batch size the world size cannot feed, a checkpoint)
+    raises ConfigError/DataError/CheckpointError on every rank before any process group or
+    output folder is created, also where only some ranks see it (see
+    :func:`daso.script.agree_on_input`).
     """
-    from daso.config import load_config
+    from daso.config import default_output_dir, load_config
+    from daso.script import agree_on_input
 
-    config = load_config(args.config, args.set or [])
-    model, train_set, val_set = build_data_and_model(config)
-    resume = _checkpoint_to_resume(args.resume, config) if args.resume else None
+    def load() -> tuple[Any, Any, Any, Any, Any]:
+        config = load_config(args.config, args.set or [])
+        default_output_dir(config, args.config)
+        model, train_set, val_set = build_data_and_model(config)
+        resume = _checkpoint_to_resume(args.resume, config) if args.resume else None
+        return config, model, train_set, val_set, resume
+
+    config, model, train_set, val_set, resume = agree_on_input(load)
     trainer = build_trainer(config, model)
     if trainer.rank == 0:
         topo = trainer.topology
@@ -222,7 +232,7 @@ def cmd_train(args: argparse.Namespace) -> int:
             if last.get("val_accuracy") is not None
             else f"final val loss {last['val_loss']:.4f}"
         )
-        log.info("done: %d epochs, %s, metrics in %s", len(history), score, trainer.metrics_path)
+        log.info("done: %d epochs, %s, results in %s", len(history), score, trainer.output_dir)
     return EXIT_OK
 
 
@@ -238,16 +248,25 @@ def _epoch_count(text: str) -> int:
 
 
 def cmd_info(args: argparse.Namespace) -> int:
-    """Print the detected topology of every rank (rank 0 prints all)."""
-    from mpi4py import MPI
+    """Print the detected topology of every rank (rank 0 prints all), with the path each rank's
+    cross-node buffers take to MPI (host, CUDA-aware MPI, or staged through pinned memory)."""
+    import torch.distributed as dist
 
+    from daso.comm.cuda_aware import cross_node_path
     from daso.topology import init_distributed, shutdown_distributed
 
-    groups = init_distributed(args.device)
+    groups = init_distributed(args.device, cuda_aware_mpi=args.cuda_aware_mpi)
     topo = groups.topology
-    line = f"{topo.describe()} backend={groups.backend} device={groups.device}"
-    comm = MPI.COMM_WORLD
-    lines = comm.gather(line, root=0) if comm.Get_size() == topo.world_size else [line]
+    path = cross_node_path(groups.cuda_aware_mpi, groups.device)
+    line = (
+        f"{topo.describe()} backend={groups.backend} device={groups.device} "
+        f"cross-node buffers: {path.description}"
+    )
+    if groups.mpi_world is not None:
+        lines = groups.mpi_world.gather(line, root=0)
+    else:  # torchrun on one node: every process is its own MPI world
+        lines = [None] * topo.world_size if topo.rank == 0 else None
+        dist.gather_object(line, lines, dst=0)
     if topo.rank == 0:
         print(
             f"daso topology: {topo.num_nodes} node(s), ranks per node {topo.ranks_per_node}, "
@@ -300,6 +319,15 @@ def cmd_emulate(args: argparse.Namespace) -> int:
     return result.returncode
 
 
+def cmd_plot(args: argparse.Namespace) -> int:
+    """Render one PNG comparing the runs in the given output folders."""
+    from daso.plot import plot_runs
+
+    out = plot_runs(args.runs, args.out, title=args.title)
+    log.info("plot of %d run(s) written to %s", len(args.runs), out)
+    return EXIT_OK
+
+
 def cmd_config_reference(args: argparse.Namespace) -> int:
     """Print every config key as a Markdown table."""
     from daso.config import reference_table
@@ -337,6 +365,12 @@ def make_parser() -> argparse.ArgumentParser:
     train.set_defaults(func=cmd_train)
     info = sub.add_parser("info", help="print the detected topology of every rank")
     info.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    info.add_argument(
+        "--cuda-aware-mpi",
+        default="auto",
+        choices=["auto", "on", "off"],
+        help="as trainer.cuda_aware_mpi: which path cross-node buffers take on CUDA",
+    )
     info.set_defaults(func=cmd_info)
     emulate = sub.add_parser(
         "emulate", help="run a command on N emulated nodes (network namespaces, rate-limited)"
@@ -358,6 +392,15 @@ def make_parser() -> argparse.ArgumentParser:
         help="after --: the command for every rank ('train ...'/'info ...' run daso's own)",
     )
     emulate.set_defaults(func=cmd_emulate)
+    plot = sub.add_parser(
+        "plot",
+        help="PNG of runs side by side: validation score against time and epoch, cross-node "
+        "bytes, schedule knobs",
+    )
+    plot.add_argument("runs", nargs="+", metavar="RUN", help="a run's output folder")
+    plot.add_argument("--out", default="runs.png", help="the PNG to write (default runs.png)")
+    plot.add_argument("--title", help="the figure's title (default: the run folders' names)")
+    plot.set_defaults(func=cmd_plot)
     ref = sub.add_parser("config-reference", help="print all config keys as Markdown")
     ref.set_defaults(func=cmd_config_reference)
     return parser

@@ -15,6 +15,7 @@ Example:
 from __future__ import annotations
 
 import os
+import re
 import types
 import typing
 from collections.abc import Iterator, Sequence
@@ -87,9 +88,16 @@ class TrainerConfig(Section):
         0, ge=0, le=2**32 - 1, description="Seed of model init, sampling and augmentation."
     )
     output_dir: str | None = Field(
-        None, description="Run folder for metrics.jsonl (empty = runs/<config file stem>)."
+        None,
+        description="Run folder: run.json, metrics, checkpoints (empty: daso train uses "
+        "runs/<config file stem>, the Python API runs/<run id>).",
     )
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto = CUDA if present.")
+    cuda_aware_mpi: Literal["auto", "on", "off"] = Field(
+        "auto",
+        description="CUDA runs: hand cross-node MPI device buffers (on), stage them through "
+        "pinned host memory (off), or detect CUDA-aware MPI (auto; daso info shows the path).",
+    )
     amp: bool = Field(False, description="Autocast: bfloat16 on CPU, float16 + GradScaler on CUDA.")
     grad_clip_norm: float | None = Field(None, gt=0, description="Clip gradient 2-norm to this.")
     accumulate_steps: int = Field(
@@ -107,7 +115,31 @@ class TrainerConfig(Section):
         description="torch.set_num_threads per rank, at most the machine's cores (empty: "
         "torch's default).",
     )
-    progress: bool = Field(True, description="tqdm progress bar on rank 0.")
+    progress: bool | Literal["bar", "lines"] = Field(
+        True,
+        description="Progress on rank 0: true = a tqdm bar if stderr is a terminal, else a "
+        "line every progress_seconds; bar or lines to choose (launch/local.sh does); false: "
+        "none.",
+    )
+    progress_seconds: float = Field(
+        10.0, gt=0, description="Seconds between progress lines when stderr is not a terminal."
+    )
+    loggers: list[Literal["jsonl", "csv", "tensorboard", "wandb", "mlflow"]] = Field(
+        default_factory=lambda: ["jsonl"],
+        description="Metric writers on rank 0 (tensorboard, wandb, mlflow: optional extras; "
+        "wandb and mlflow log offline into the run folder).",
+    )
+    log_every_steps: int = Field(
+        50,
+        ge=0,
+        description="Step rows (loss, LR, samples/s, sync events) every this many optimizer "
+        "steps (0 = epoch rows only).",
+    )
+    overwrite: bool = Field(
+        False,
+        description="Let a new run (not --resume) replace another run's metrics and "
+        "checkpoints in its output folder (else that is an error).",
+    )
     timeout_seconds: float = Field(
         300.0,
         gt=0,
@@ -123,6 +155,20 @@ class TrainerConfig(Section):
         "stop",
         description="NaN/Inf loss or gradient: stop with an error, or skip the step on all ranks.",
     )
+    max_skipped_steps: int = Field(
+        10,
+        ge=1,
+        description="nan_policy skip: stop with an error after this many non-finite steps "
+        "in a row.",
+    )
+
+    @field_validator("loggers")
+    @classmethod
+    def _each_logger_once(cls, value: list[str]) -> list[str]:
+        repeated = sorted({name for name in value if value.count(name) > 1})
+        if repeated:
+            raise ValueError(f"lists {repeated} more than once; name each logger once")
+        return value
 
     @field_validator("num_threads")
     @classmethod
@@ -297,6 +343,43 @@ def _short_repr(value: Any, limit: int = 80) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
+class _Loader(yaml.SafeLoader):
+    """PyYAML's safe loader, reading numbers as YAML 1.2 does: ``1e-3`` and ``1e9`` are floats
+    (YAML 1.1, PyYAML's default, reads exponents without a dot as text)."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(\d[\d_]*)?(\.\d*)?[eE][-+]?\d+$"),
+    list("-+0123456789."),
+)
+
+
+def parse_yaml(text: str) -> Any:
+    """``text`` parsed as YAML with :class:`_Loader` (safe: plain data only).
+
+    Raises:
+        yaml.YAMLError: malformed YAML.
+    """
+    return yaml.load(text, Loader=_Loader)  # noqa: S506 - a SafeLoader subclass
+
+
+def _wrong_type(kind: str, value: Any) -> str:
+    """The message for a value of the wrong type where a number or bool is needed: a quoted
+    number (``'3'``), or a float where an integer is needed (``1e9``)."""
+    want = {"int_type": "an integer", "float_type": "a number", "bool_type": "true or false"}[kind]
+    if isinstance(value, float) and kind == "int_type":
+        fix = f"; write {int(value)}" if value.is_integer() else ""
+        return f"must be {want}, got the float {value!r}{fix}"
+    if isinstance(value, str):
+        try:
+            float(value)
+        except ValueError:
+            return f"must be {want}, got the text {value!r}"
+        return f"must be {want}, got the text {value!r} (quoted); remove the quotes"
+    return f"must be {want}, got {_short_repr(value)} ({type(value).__name__})"
+
+
 def format_validation_error(error: ValidationError, source: str) -> str:
     """One line per problem: ``source: key: what is wrong (got value)``."""
     lines = []
@@ -322,6 +405,8 @@ def format_validation_error(error: ValidationError, source: str) -> str:
                 f"{source}: {key}: keys must be names (strings), got {item['loc'][-1]}; "
                 "quote or rename it"
             )
+        elif item["type"] in ("int_type", "float_type", "bool_type"):
+            lines.append(f"{source}: {key}: {_wrong_type(item['type'], item['input'])}")
         elif item["type"] == "value_error" and not item["loc"]:
             lines.append(f"{source}: {item['msg'].removeprefix('Value error, ')}")
         else:
@@ -344,7 +429,7 @@ def _read_yaml(path: Path) -> dict[str, Any]:
             f"cannot read config file {path}: {err}; pass a readable UTF-8 YAML file"
         ) from None
     try:
-        data = yaml.safe_load(text)
+        data = parse_yaml(text)
     except RecursionError:
         raise ConfigError(f"{path}: malformed YAML: nested too deeply to read") from None
     except yaml.MarkedYAMLError as err:
@@ -381,7 +466,7 @@ def apply_override(data: dict[str, Any], override: str) -> None:
             f"override {override!r}: expected dotted.key=value, e.g. strategy.max_global_skips=4"
         )
     try:
-        value = yaml.safe_load(raw) if raw.strip() else None
+        value = parse_yaml(raw) if raw.strip() else None
     except (yaml.YAMLError, RecursionError):
         raise ConfigError(f"override {override!r}: the value is not valid YAML") from None
     *parents, leaf = key.split(".")
@@ -405,8 +490,9 @@ def load_config(path: str | os.PathLike[str] | None, overrides: Sequence[str] = 
         overrides: ``dotted.key=value`` strings applied in order (``--set`` on the CLI).
 
     Returns:
-        The validated :class:`Config`; ``trainer.output_dir`` defaults to
-        ``runs/<config file stem>`` (``runs/default`` without a file).
+        The validated :class:`Config`; an empty ``trainer.output_dir`` stays empty
+        (:class:`~daso.Trainer` then gives the run ``runs/<run id>``; ``daso train`` uses
+        ``runs/<config file stem>``, see :func:`default_output_dir`).
 
     Raises:
         ConfigError: naming the file, the dotted key and the allowed values.
@@ -421,10 +507,16 @@ def load_config(path: str | os.PathLike[str] | None, overrides: Sequence[str] = 
         raise ConfigError(format_validation_error(err, source)) from None
     except RecursionError:
         raise ConfigError(f"{source}: a value is nested too deeply to validate") from None
-    if not config.trainer.output_dir:
-        stem = Path(path).stem if path is not None else "default"
-        config.trainer.output_dir = str(Path("runs") / stem)
     return config
+
+
+def default_output_dir(config: Config, path: str | os.PathLike[str] | None) -> None:
+    """``daso train``'s run folder when ``trainer.output_dir`` is empty: ``runs/<config file
+    stem>``, the same for every run of a config, so that a requeued job's ``--resume auto``
+    finds its checkpoints. (The Python API leaves it empty: the trainer then gives each run
+    ``runs/<run id>``.)"""
+    if not config.trainer.output_dir and path is not None:
+        config.trainer.output_dir = str(Path("runs") / Path(path).stem)
 
 
 def check_launch(
@@ -511,7 +603,7 @@ def check_writable(config: Config) -> None:
         ConfigError: naming the key, the path and the fix.
     """
     for key, path in (
-        ("trainer.output_dir", Path(config.trainer.output_dir or "runs/default")),
+        ("trainer.output_dir", Path(config.trainer.output_dir or "runs")),
         ("checkpoint.dir", config.checkpoint_folder()),
     ):
         existing = path.absolute()

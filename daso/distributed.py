@@ -69,6 +69,8 @@ class Distributed:
         amp: autocast forward passes (bfloat16 on CPU; float16 with a GradScaler on CUDA).
         nan_policy: ``"stop"`` (raise :class:`~daso.errors.NumericalError`) or ``"skip"``
             (skip the step on every rank) on a NaN/Inf loss or gradient.
+        max_skipped_steps: with ``"skip"``, raise :class:`~daso.errors.NumericalError` after
+            this many non-finite steps in a row.
         deterministic: bitwise-reproducible steps (fixed DDP buckets, deterministic kernels).
         timeout_seconds: longest wait for a cross-node collective.
         groups: process groups from :func:`daso.init_distributed` (default: created here from
@@ -84,6 +86,8 @@ class Distributed:
         step_count: optimizer steps done in the run; ``window``, ``epoch``: the current ones
             (0-based); ``window_steps``: the window length (``None``: one epoch).
         ready: the step's micro-batches are all done: call :meth:`step`.
+        step_events: the sync events of the last step (e.g. DASO's ``send``, ``merge`` with
+            its ``staleness`` and ``wait_seconds``, ``average``; each with its ``bytes``).
 
     Raises:
         ConfigError: an unknown strategy option, an out-of-range value, or a run too short for
@@ -104,6 +108,7 @@ class Distributed:
         grad_clip_norm: float | None = None,
         amp: bool = False,
         nan_policy: str = "stop",
+        max_skipped_steps: int = 10,
         deterministic: bool = False,
         timeout_seconds: float = 300.0,
         groups: ProcessGroups | None = None,
@@ -141,7 +146,9 @@ class Distributed:
         cuda = self.device.type == "cuda"
         self.amp, self.amp_dtype = amp, torch.float16 if cuda else torch.bfloat16
         self.scaler = torch.amp.GradScaler("cuda", enabled=amp and cuda)
-        self.guard = NonFiniteGuard(nan_policy, self.device, self.topology.rank)
+        self.step_events: list[dict[str, Any]] = []  # the last step's sync events
+        self._last_loss: tuple[torch.Tensor, float] | None = None
+        self.guard = NonFiniteGuard(nan_policy, self.device, self.topology.rank, max_skipped_steps)
         self.step_count = 0
         self.micro = 0  # micro-batches of the current step done
         self.partial = _empty_partial()  # this rank's counters of the open window
@@ -234,6 +241,16 @@ class Distributed:
     @property
     def ready(self) -> bool:
         return self.micro == self.accumulate_steps
+
+    @property
+    def last_step_loss(self) -> float | None:
+        """The last step's loss on this rank (mean over its micro-batches, weighted by
+        ``samples``); ``None`` before the first step or when it was skipped. Reading it
+        synchronises with the device."""
+        if self._last_loss is None:
+            return None
+        loss, samples = self._last_loss
+        return float(loss) / max(samples, 1e-12)
 
     @property
     def total_steps(self) -> int:
@@ -341,6 +358,8 @@ class Distributed:
             self.partial["samples"] += self._step_samples
         self.operation = f"{where}: cross-node synchronisation ({self.strategy.name})"
         self.strategy.after_step(self.step_in_window)
+        self.step_events = self.strategy.drain_events()
+        self._last_loss = None if skip else (self._step_loss, self._step_samples)
         self.micro = 0
         closes = self.step_in_window + 1 == self.window_length
         window, epoch = self.window, self.epoch
@@ -396,7 +415,9 @@ class Distributed:
             [float(part["loss_sum"]), *(part[k] for k in _SUMMED[1:])], self.device
         )
         row: dict[str, Any] = {"window": window, "epoch": epoch}
-        row["train_loss"] = totals[0] / max(totals[1], 1)
+        # None when every step of the window was skipped: no loss of a skipped step is reported
+        # or reaches the strategy's controller
+        row["train_loss"] = totals[0] / totals[1] if totals[1] else None
         row["loss_sum"], row["samples"] = totals[0], totals[1]
         row.update(metrics)
         row["cross_node_bytes"] = int(totals[2])

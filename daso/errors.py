@@ -6,6 +6,9 @@ tell the project's own failures from bugs.
 
 from __future__ import annotations
 
+import logging
+from collections.abc import Sequence
+
 #: Process exit codes of ``daso train`` and :func:`daso.run`: success, a failure during the run,
 #: bad input, stopped early after a checkpoint (sysexits' EX_TEMPFAIL: requeue the job).
 EXIT_OK, EXIT_FAILURE, EXIT_BAD_INPUT, EXIT_PREEMPTED = 0, 1, 2, 75
@@ -42,3 +45,39 @@ class NumericalError(DasoError, FloatingPointError):
 class PeerFailureError(DasoError, RuntimeError):
     """A collective failed or timed out because a peer rank died or hangs; the message names
     the operation and the ranks whose heartbeats stopped."""
+
+
+def reported_elsewhere(err: DasoError) -> DasoError:
+    """Mark ``err`` as already reported by another rank (the rank that found the problem
+    printed it) and raised on every rank: :func:`daso.run` then exits with its code without
+    printing it again or aborting the job."""
+    err.reported_elsewhere = True  # type: ignore[attr-defined]
+    return agreed(err)
+
+
+def agreed(err: DasoError) -> DasoError:
+    """Mark ``err`` as raised on every rank at the same point (after an agreement), so
+    :func:`daso.run` need not abort the MPI job to stop the others."""
+    err.agreed = True  # type: ignore[attr-defined]
+    return err
+
+
+def raise_agreed(error: BaseException | None, messages: Sequence[str | None], rank: int) -> None:
+    """After every rank shared its error message (``None``: no error) as ``messages``: raise
+    on every rank if any rank failed, each distinct message logged once, by the lowest rank
+    that has it (naming the others that found the same); nothing if no rank failed.
+
+    Raises:
+        DasoError: this rank's ``error`` marked :func:`reported_elsewhere` (it is logged
+            here, once), or on a rank without an error a :class:`ConfigError` so marked.
+    """
+    if not any(messages):
+        return
+    if error is None:
+        failed = [r for r, m in enumerate(messages) if m]
+        raise reported_elsewhere(ConfigError(f"bad input on rank(s) {failed}"))
+    same = [r for r, m in enumerate(messages) if m == str(error)]
+    if same[0] == rank:
+        others = f" (rank(s) {same[1:]} found the same)" if len(same) > 1 else ""
+        logging.getLogger("daso.cli").error("rank %d: %s%s", rank, error, others)
+    raise reported_elsewhere(error) from None  # type: ignore[arg-type]

@@ -17,6 +17,7 @@ from __future__ import annotations
 import logging
 import signal
 from collections.abc import Iterable
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -45,6 +46,21 @@ def preempted() -> str | None:
     return _preempted
 
 
+#: The output folder of the run in this process (where an expected failure's traceback goes).
+_run_folder: Path | None = None
+
+
+def note_run_folder(folder: Path) -> None:
+    """Note the folder of the run in this process (see :func:`run_folder`)."""
+    global _run_folder
+    _run_folder = folder
+
+
+def run_folder() -> Path | None:
+    """The output folder of the run in this process, once its training started."""
+    return _run_folder
+
+
 class PreemptionSignals:
     """While installed, SIGTERM and SIGUSR1 set :attr:`received` instead of killing the process.
 
@@ -61,7 +77,8 @@ class PreemptionSignals:
     def _handle(self, signum: int, frame: Any) -> None:
         if not self.received:
             log.warning(
-                "received %s: finishing the current batch, then checkpoint and exit",
+                "received %s: finishing the current batch, then checkpoint and exit (unless "
+                "it is the launcher's notice of a failed rank)",
                 signal.Signals(signum).name,
             )
         self.received = signum
@@ -89,17 +106,25 @@ class NonFiniteGuard:
             trainer skips the optimizer step and counts it).
         device: the training device; on CUDA, ``stop`` mode defers its reads.
         rank: this rank, for the error message.
+        max_skipped_steps: ``skip`` mode: raise :class:`~daso.errors.NumericalError` when this
+            many steps in a row are non-finite (a run whose every step is skipped must not
+            "succeed").
 
     The check runs on the gradients after the strategy's gradient reduction, so every rank
     that shares that reduction (all ranks for ``ddp``/``hierarchical``/``horovod``, the node's
     ranks otherwise) sees the same values and takes the same decision.
     """
 
-    def __init__(self, policy: str, device: torch.device, rank: int) -> None:
+    def __init__(
+        self, policy: str, device: torch.device, rank: int, max_skipped_steps: int = 10
+    ) -> None:
         if policy not in ("stop", "skip"):
             raise ValueError(f"nan_policy must be 'stop' or 'skip', got {policy!r}")
         self.policy = policy
         self.rank = rank
+        self.max_skipped_steps = max_skipped_steps
+        self.in_a_row = 0  # non-finite steps in a row (skip mode)
+        self._warned_epoch = -1
         self.deferred = policy == "stop" and device.type == "cuda"
         self._first_bad = torch.full((2,), -1, dtype=torch.int64, device=device)
         self.skipped_steps = 0
@@ -120,7 +145,8 @@ class NonFiniteGuard:
         CUDA records the first bad (epoch, batch) for :meth:`check`.
 
         Raises:
-            NumericalError: ``stop`` mode and the step is non-finite (read now on CPU).
+            NumericalError: ``stop`` mode and the step is non-finite (read now on CPU), or
+                ``skip`` mode and ``max_skipped_steps`` steps in a row were non-finite.
         """
         if self.deferred:
             marker = torch.tensor([epoch, batch], device=bad.device)
@@ -128,16 +154,28 @@ class NonFiniteGuard:
             self._first_bad.copy_(torch.where(bad & unset, marker, self._first_bad))
             return False  # the caller zeroes non-finite gradients (see sanitize)
         if not bool(bad):
+            self.in_a_row = 0
             return False
         if self.policy == "stop":
             self._raise(epoch, batch)
         self.skipped_steps += 1
-        log.warning(
-            "rank %d: non-finite loss/gradient at epoch %d batch %d: step skipped",
-            self.rank,
-            epoch,
-            batch,
-        )
+        self.in_a_row += 1
+        if self.in_a_row >= self.max_skipped_steps:
+            raise NumericalError(
+                f"rank {self.rank}: {self.in_a_row} non-finite steps in a row, the last at "
+                f"epoch {epoch} batch {batch} (trainer.max_skipped_steps is "
+                f"{self.max_skipped_steps}): the run is not training. Lower optim.lr, set "
+                "trainer.grad_clip_norm or check the input data"
+            )
+        if self._warned_epoch != epoch:  # once per epoch; the epoch row counts every skip
+            self._warned_epoch = epoch
+            log.warning(
+                "rank %d: non-finite loss/gradient at epoch %d batch %d: step skipped (further "
+                "skips this epoch are counted in skipped_steps, not logged)",
+                self.rank,
+                epoch,
+                batch,
+            )
         return True
 
     def sanitize(self, params: Iterable[torch.nn.Parameter]) -> None:

@@ -8,6 +8,11 @@ import sys
 _FORMAT = "%(asctime)s [rank %(rank)s] %(levelname)s %(name)s: %(message)s"
 
 
+#: ``extra=ONCE`` on a log call: only rank 0 prints it (a warning about the config or a file
+#: that every rank would repeat word for word).
+ONCE = {"once": True}
+
+
 class _RankFilter(logging.Filter):
     def __init__(self, rank: int) -> None:
         super().__init__()
@@ -15,7 +20,7 @@ class _RankFilter(logging.Filter):
 
     def filter(self, record: logging.LogRecord) -> bool:
         record.rank = self.rank
-        return True
+        return self.rank == 0 or not getattr(record, "once", False)
 
 
 def configure_logging(rank: int, level: int | None = None) -> None:

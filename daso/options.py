@@ -22,10 +22,13 @@ class Section(BaseModel):
     """A config section: unknown keys are errors; values are checked on assignment too.
 
     Floats must be finite: ``.nan`` and ``.inf`` are rejected everywhere (an infinite learning
-    rate, timeout or poll interval is never what a run wants).
+    rate, timeout or poll interval is never what a run wants). Types are strict: ``'3'`` is not
+    a number and ``'true'`` not a bool (an int is still a float).
     """
 
-    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
+    model_config = ConfigDict(
+        extra="forbid", validate_assignment=True, allow_inf_nan=False, strict=True
+    )
 
 
 class StrategyOptions(Section):

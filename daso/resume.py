@@ -16,8 +16,43 @@ import torch
 from daso import checkpoint as ckpt
 from daso.comm import allreduce_sum, unwrap
 from daso.errors import CheckpointError
+from daso.log import ONCE
 
 log = logging.getLogger("daso.trainer")
+
+
+#: The LR schedule's inputs: a resume that changes one rebuilds the schedule.
+SCHEDULE_KEYS = frozenset(
+    {
+        "trainer.epochs",
+        "optim.lr",
+        "optim.scheduler",
+        "optim.scheduler_interval",
+        "optim.warmup_steps",
+        "optim.step_size",
+        "optim.milestones",
+        "optim.gamma",
+    }
+)
+#: Keys whose new value a resume applies to state the checkpoint restored: the LR schedule's
+#: inputs, the optimizer's hyperparameters, and (through the run's length) DASO's cool-down.
+TAKE_EFFECT = SCHEDULE_KEYS | {"optim.momentum", "optim.weight_decay", "optim.nesterov"}
+
+
+def config_differences(old: dict[str, Any], new: dict[str, Any]) -> list[tuple[str, Any, Any]]:
+    """``(dotted key, old, new)`` for every leaf that differs between two config dumps."""
+    found = []
+    for key in sorted(set(old) | set(new)):
+        a, b = old.get(key), new.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            found += [(f"{key}.{k}", x, y) for k, x, y in config_differences(a, b)]
+        elif a != b:
+            found.append((key, a, b))
+    return found
+
+
+def _changes_text(changes: list[tuple[str, Any, Any]]) -> str:
+    return ", ".join(f"{key} {old!r} -> {new!r}" for key, old, new in changes)
 
 
 class Checkpointing:
@@ -69,22 +104,34 @@ class Checkpointing:
             "batch": self.batch,
             "model_signature": self._model_signature(),
         }
+        own = [*self.own_checkpoints, path.name]
+        kept = ckpt.newest_names(own, self.config.checkpoint.keep)
         shared = {
+            "run_id": self.run_id,
+            "checkpoints": kept,  # this run's files in the folder: the only ones it prunes
             "history": self.history,
             "lr_scheduler": self._scheduler_state_dict(),
             "scaler": dist_state["scaler"],
             "config": self.config.model_dump(mode="json"),
             "windows": self.windows,
         }
-        own = {
+        state = {
             "model": unwrap(self.model).state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "strategy": dist_state["strategy"],
         }
         extra = {"rng": ckpt.capture_rng_state(), "partial": dist_state["partial"]}
         ckpt.gather_and_save(
-            path, meta, shared, own, extra, self.config.checkpoint.keep, self.groups.world_group
+            path,
+            meta,
+            shared,
+            state,
+            extra,
+            self.config.checkpoint.keep,
+            self.groups.world_group,
+            own=self.own_checkpoints,
         )
+        self.own_checkpoints = kept
         return path
 
     def resume(self, source: str | Path = "auto") -> Path | None:
@@ -149,6 +196,8 @@ class Checkpointing:
         )
         self._scheduler_state = shared["lr_scheduler"]
         self.history = list(shared["history"])
+        self.run_id = shared.get("run_id", self.run_id)
+        self.own_checkpoints = list(shared.get("checkpoints", [source.name]))
         self.windows = list(shared.get("windows", []))
         if exact:
             self._resumed_rng = extra["rng"]
@@ -158,12 +207,60 @@ class Checkpointing:
                 source,
                 list(meta["layout"]),
                 self.topology.ranks_per_node,
+                extra=ONCE,
             )
             # fresh streams, distinct per rank and per epoch of the resume (7919: a prime stride)
             torch.manual_seed(self.config.trainer.seed + 1000 + self.rank + 7919 * self.epoch)
         self._resumed = True
-        self.metrics_log.rewrite(self.history)
+        self._apply_config_changes(shared.get("config"), source)
         log.info("resumed from %s: epoch %d, batch %d", source, self.epoch, self.batch)
+
+    def _apply_config_changes(self, saved: dict[str, Any] | None, source: Path) -> None:
+        """Make the keys of :data:`TAKE_EFFECT` that differ from the checkpoint's config take
+        effect (the LR schedule is rebuilt for them at the step reached; optimizer
+        hyperparameters are set on every parameter group, which the checkpoint restored),
+        and list every other difference (rank 0).
+
+        Raises:
+            CheckpointError: ``optim.name`` differs (another optimizer's state cannot load).
+        """
+        if saved is None:
+            return
+        changes = config_differences(saved, self.config.model_dump(mode="json"))
+        if not changes:
+            return
+        names = {key for key, _, _ in changes}
+        if "optim.name" in names:
+            raise CheckpointError(
+                f"checkpoint {source} was trained with optim.name {saved['optim']['name']!r}, "
+                f"this run uses {self.config.optim.name!r}; resume with the same optimizer"
+            )
+        optim = self.config.optim
+        own_scheduler = self._scheduler_arg is not None  # restored as saved: it is the user's
+        self._replay_scheduler = bool(names & SCHEDULE_KEYS) and not own_scheduler
+        for group in self.optimizer.param_groups:
+            if self._replay_scheduler:
+                # back to the group's base LR, scaled to the new optim.lr (each group keeps its
+                # ratio to it); the rebuilt schedule starts from there
+                base = group.pop("initial_lr", group["lr"])
+                group["lr"] = base * optim.lr / float(saved["optim"]["lr"])
+            for key in ("momentum", "weight_decay", "nesterov"):
+                if f"optim.{key}" in names and key in group:
+                    group[key] = getattr(optim, key)
+        if self.rank != 0:
+            return
+        effect = TAKE_EFFECT - SCHEDULE_KEYS if own_scheduler else TAKE_EFFECT
+        taking = [c for c in changes if c[0] in effect]
+        other = [c for c in changes if c[0] not in effect]
+        if taking:
+            log.warning("resume: taking effect: %s", _changes_text(taking))
+        if other:
+            log.warning(
+                "resume: these keys differ from the checkpoint's config and apply from here "
+                "on where they are read at run time (the strategy's state, the RNG streams and "
+                "the position in the data come from the checkpoint): %s",
+                _changes_text(other),
+            )
 
     def _agree_on_start(self) -> None:
         """Collective, at the start of :meth:`fit`: check that every rank starts at the same

@@ -188,6 +188,17 @@ class DASOSchedule:
                 "train longer, or set a smaller strategy.window_steps"
             )
         self.windows = windows
+        self._reconcile()
+
+    def _reconcile(self) -> None:
+        """After a resume into a run of another length: the current window's knobs follow
+        its phase under the new length (e.g. a window that was cool-down in a shorter run is
+        cycling in a longer one)."""
+        phase = self.phase(self.window)
+        if self.params.phase != phase:
+            if phase == CYCLING:
+                self.detector.num_bad_windows = 0
+            self.params = self._entry_params(phase)
         if self.window == 0:  # nothing ran yet: the first window may be the cool-down
             self.params = self._entry_params(self.phase(0))
 
@@ -212,18 +223,19 @@ class DASOSchedule:
         reset = max(1, self.max_global_skips // self.local_skip_factor)
         return SyncParams(self.max_global_skips, reset, min(reset, self.max_global_skips), CYCLING)
 
-    def end_window(self, loss: float) -> SyncParams:
+    def end_window(self, loss: float | None) -> SyncParams:
         """Feed the loss of the window just finished (averaged over all ranks); advance one window.
 
         Args:
-            loss: the window's mean training loss over all ranks.
+            loss: the window's mean training loss over all ranks; ``None`` when every step
+                of the window was skipped (non-finite): the plateau detector is not fed.
 
         Returns:
             The :class:`SyncParams` of the next window (also in :attr:`params`).
         """
         # the detector sees the last warm-up window and every window after it (the reference's
         # choice): earlier warm-up losses, from the blocking regime, never set its best
-        feed = self.window >= self.warmup_windows - 1
+        feed = self.window >= self.warmup_windows - 1 and loss is not None
         plateau = self.detector.step(float(loss)) if feed else False
         previous = self.params.phase
         self.window += 1
@@ -249,3 +261,4 @@ class DASOSchedule:
         self.window = int(state.get("window", state.get("epoch", 0)))
         self.params = SyncParams(**state["params"])
         self.detector.load_state_dict(state["detector"])
+        self._reconcile()

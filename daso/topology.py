@@ -21,11 +21,12 @@ import dataclasses
 import datetime
 import logging
 import os
+import secrets
 import socket
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from daso.errors import TopologyError
+from daso.errors import ConfigError, TopologyError
 
 log = logging.getLogger(__name__)
 
@@ -344,20 +345,86 @@ def resolve_topology(
     return topo
 
 
+def check_torchrun_single_node(info: LauncherInfo, env: Mapping[str, str]) -> None:
+    """Check that a torchrun job without an MPI world spans one node.
+
+    torchrun starts every process as an MPI singleton, so the cross-node layer (MPI
+    communicators between nodes) cannot exist; one node needs none: its ranks meet in
+    ``torch.distributed`` at torchrun's ``MASTER_ADDR``/``MASTER_PORT``.
+
+    Args:
+        info: this rank's :class:`LauncherInfo` (``source == "torchrun"``).
+        env: the environment (``GROUP_WORLD_SIZE``, torchrun's node count, is read from it).
+
+    Raises:
+        TopologyError: torchrun spans several nodes (``GROUP_WORLD_SIZE`` > 1, ``GROUP_RANK``
+            > 0, or ``WORLD_SIZE`` > ``LOCAL_WORLD_SIZE``).
+    """
+    nodes = _int_var(env, "GROUP_WORLD_SIZE", "torchrun") if "GROUP_WORLD_SIZE" in env else 1
+    local = info.local_world_size
+    if nodes > 1 or (info.node_id or 0) > 0 or (local is not None and info.world_size > local):
+        shown = ", ".join(f"{k}={v}" for k, v in info.variables)
+        if "GROUP_WORLD_SIZE" in env:
+            shown += f", GROUP_WORLD_SIZE={env['GROUP_WORLD_SIZE']}"
+        raise TopologyError(
+            f"torchrun spans several nodes ({shown}), but daso's cross-node layer runs over "
+            "MPI and torchrun starts every process as its own MPI world; launch multi-node "
+            "jobs with mpirun/mpiexec or srun --mpi=pmi2 (torchrun works for one node)"
+        )
+
+
+#: MPI thread levels by value, for messages (``MPI.THREAD_SINGLE`` ... ``MPI.THREAD_MULTIPLE``).
+_THREAD_LEVELS = ("THREAD_SINGLE", "THREAD_FUNNELED", "THREAD_SERIALIZED", "THREAD_MULTIPLE")
+
+
+def require_thread_multiple(mpi: Any, what: str = "the cross-node layer") -> None:
+    """Check that MPI was initialised with ``MPI_THREAD_MULTIPLE``.
+
+    daso's cross-node collectives (and the parameter servers of ``async_easgd``/``downpour``)
+    call MPI from a communication thread while the main thread also calls it, which only
+    ``MPI_THREAD_MULTIPLE`` allows. Only the users of MPI from several threads need it:
+    :func:`init_distributed` checks it when the job spans more than one node (a single node
+    has no cross-node layer and does not fail here).
+
+    Args:
+        mpi: the ``mpi4py.MPI`` module (or a stub with ``Query_thread()`` and the
+            ``THREAD_*`` constants).
+        what: the user of MPI named in the message.
+
+    Raises:
+        TopologyError: the level MPI provides is below ``MPI_THREAD_MULTIPLE``; the message
+            names the level obtained and the fix.
+    """
+    provided = mpi.Query_thread()
+    if provided >= mpi.THREAD_MULTIPLE:
+        return
+    names = {getattr(mpi, name): f"MPI_{name}" for name in _THREAD_LEVELS if hasattr(mpi, name)}
+    level = names.get(provided, f"thread level {provided}")
+    raise TopologyError(
+        f"MPI provides {level}, but {what} calls MPI from a communication thread and needs "
+        "MPI_THREAD_MULTIPLE; use an MPI built with thread support (Open MPI 3.0 or newer, "
+        "or an older one configured with --enable-mpi-thread-multiple; MPICH's default "
+        "build) and leave mpi4py.rc.thread_level at 'multiple' (mpi4py's default)"
+    )
+
+
 def detect_topology(comm: Any | None = None, env: Mapping[str, str] | None = None) -> Topology:
     """Detect this process's topology from the launcher and MPI.
 
     Reads the launcher variables (:func:`read_launcher_env`), then, when MPI's world matches
     the launcher's, gathers every rank's node key over MPI: the override
     (``DASO_RANKS_PER_NODE``), else ``SLURM_NODEID``, else the host name (MPI processor name).
+    Under torchrun on one node every process is an MPI singleton; the layout is then one node
+    holding all ranks, and MPI is not used for it (:func:`check_torchrun_single_node`).
 
     Args:
         comm: an mpi4py communicator spanning the job (default ``MPI.COMM_WORLD``).
         env: environment to read (default ``os.environ``).
 
     Raises:
-        TopologyError: an impossible layout, or a launcher world that MPI does not see (for
-            example several nodes under torchrun, where the cross-node layer has no MPI).
+        TopologyError: an impossible layout, or a launcher world that MPI does not see
+            (several nodes under torchrun, or an override emulating several nodes there:
+            the cross-node layer needs MPI).
     """
     env = os.environ if env is None else env
     info = read_launcher_env(env)
@@ -381,6 +448,15 @@ def detect_topology(comm: Any | None = None, env: Mapping[str, str] | None = Non
             info = dataclasses.replace(info, node_id=None)
             all_keys = [host for _, host in gathered]
     elif info.world_size == 1:
+        all_keys = None
+    elif info.source == "torchrun" and comm.Get_size() == 1:
+        check_torchrun_single_node(info, env)  # every process an MPI singleton: no MPI world
+        if override and len(set(layout_from_override(override, info.world_size))) > 1:
+            raise TopologyError(
+                f"{RANKS_PER_NODE_ENV}={override!r} emulates several nodes, but under torchrun "
+                "every process is its own MPI world and the cross-node layer needs MPI; "
+                f"unset {RANKS_PER_NODE_ENV} or launch with mpiexec -n {info.world_size}"
+            )
         all_keys = None
     else:
         shown = ", ".join(f"{k}={v}" for k, v in info.variables)
@@ -406,6 +482,13 @@ class ProcessGroups:
         device: the ``torch.device`` tensors live on.
         store_address: ``(host, port)`` of the rendezvous ``TCPStore`` (heartbeats use it), or
             ``None`` if ``torch.distributed`` was initialised by the caller.
+        store_prefix: the job's key namespace in that store (``daso-<random hex>/``, shared
+            over MPI; see :func:`_rendezvous_store`); every key daso uses lies below it.
+        mpi_world: the mpi4py communicator spanning the job (``MPI.COMM_WORLD``), or ``None``
+            when MPI sees only this process of a larger job (torchrun on one node): code that
+            needs MPI among a node's ranks fails clearly then.
+        cuda_aware_mpi: ``"auto"``, ``"on"`` or ``"off"`` (``trainer.cuda_aware_mpi``): whether
+            cross-node MPI gets CUDA device buffers (:mod:`daso.comm.cuda_aware` decides).
     """
 
     topology: Topology
@@ -415,16 +498,37 @@ class ProcessGroups:
     cross_comm: Any
     device: Any
     store_address: tuple[str, int] | None = None
+    mpi_world: Any = None
+    cuda_aware_mpi: str = "auto"
+    store_prefix: str = ""
+
+
+def _listening_socket(host: str) -> socket.socket:
+    """A TCP socket bound to ``host`` on a port the kernel picks, listening."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((host, 0))
+    sock.listen(1024)
+    return sock
 
 
 def _rendezvous_store(
     topo: Topology, env: Mapping[str, str], comm: Any, timeout: datetime.timedelta
-) -> Any:
-    """The ``torch.distributed`` key-value store every rank meets at.
+) -> tuple[Any, str]:
+    """The ``torch.distributed`` key-value store every rank meets at, and the job's key
+    namespace in it.
 
-    From ``MASTER_ADDR``/``MASTER_PORT`` when both are set (torchrun); otherwise rank 0 opens
-    the store on a port the kernel picks (no race for a free port) and tells the others the
-    address over MPI.
+    Under torchrun (``MASTER_ADDR``/``MASTER_PORT`` set): torchrun's store, in the namespace
+    of its run id and restart. Otherwise rank 0 opens the store on a port the kernel picks (no
+    race for a free port), listening on the loopback interface when the whole job is on one
+    host and on the address of its host name otherwise (``MASTER_ADDR``, when set, names it),
+    never on every interface; it draws a random 128-bit namespace and tells the others the
+    address and the namespace over MPI. The store has no authentication (torch's
+    ``TCPStore`` has none): a process that can reach the port could still write keys, but it
+    cannot guess the names of daso's keys (the stop vote, the heartbeats, the process
+    groups'), so it cannot stop or confuse the job by accident or on purpose. The trust model:
+    the ranks of a job trust each other and their network; checkpoints are untrusted input.
 
     Raises:
         TopologyError: neither the variables nor an MPI world to share the address.
@@ -433,9 +537,11 @@ def _rendezvous_store(
 
     if "MASTER_ADDR" in env and "MASTER_PORT" in env:
         host, port = env["MASTER_ADDR"], int(env["MASTER_PORT"])
-        return TCPStore(
-            host, port, topo.world_size, topo.rank == 0, timeout, wait_for_workers=False
-        )
+        # torchrun's agent already serves the store at MASTER_PORT: every rank is a client
+        master = topo.rank == 0 and env.get("TORCHELASTIC_USE_AGENT_STORE") != "True"
+        store = TCPStore(host, port, topo.world_size, master, timeout, wait_for_workers=False)
+        run = env.get("TORCHELASTIC_RUN_ID", "job")
+        return store, f"daso-{run}-{env.get('TORCHELASTIC_RESTART_COUNT', '0')}/"
     if topo.world_size > 1 and comm.Get_size() != topo.world_size:
         raise TopologyError(
             "no rendezvous address: MASTER_ADDR and MASTER_PORT are not set and MPI cannot "
@@ -446,45 +552,70 @@ def _rendezvous_store(
         host = env.get("MASTER_ADDR")
         if host is None:
             host = "127.0.0.1" if topo.num_nodes == 1 else socket.gethostbyname(topo.hostname)
-        store = TCPStore(host, 0, topo.world_size, True, timeout, wait_for_workers=False)
-        address = (host, store.port)
+        sock = _listening_socket(host)
+        port = sock.getsockname()[1]
+        store = TCPStore(
+            host,
+            port,
+            topo.world_size,
+            True,
+            timeout,
+            wait_for_workers=False,
+            master_listen_fd=sock.detach(),  # the store serves this socket (and closes it)
+        )
+        shared = (host, port, f"daso-{secrets.token_hex(16)}/")
     else:
-        address = None
+        shared = None
     if topo.world_size > 1:
-        address = comm.bcast(address, root=0)
+        shared = comm.bcast(shared, root=0)
     if store is None:
-        store = TCPStore(address[0], address[1], topo.world_size, False, timeout)
-    return store
+        store = TCPStore(shared[0], shared[1], topo.world_size, False, timeout)
+    return store, shared[2]
 
 
 def init_distributed(
     device: str = "auto",
     timeout_seconds: float = 300.0,
     env: Mapping[str, str] | None = None,
+    cuda_aware_mpi: str = "auto",
 ) -> ProcessGroups:
     """Detect the topology and build the node-local and cross-node groups.
 
     Call once per process, on every rank, before training. Initialises ``torch.distributed``
     (NCCL when ``device`` resolves to CUDA, else Gloo) over all ranks, the node-local subgroups,
     and the cross-node MPI communicators ``C_i = {local rank i of every node}`` for
-    ``i < min_n L_n``. On CUDA it pins the process to GPU ``local_rank``.
+    ``i < min_n L_n``. On CUDA it pins the process to GPU ``local_rank``. With more than one
+    node it first checks that MPI provides ``MPI_THREAD_MULTIPLE``
+    (:func:`require_thread_multiple`). Under torchrun on one node MPI is not used for the
+    world (each process is an MPI singleton; :attr:`ProcessGroups.mpi_world` is ``None``).
 
     Args:
         device: ``"auto"`` (CUDA if available), ``"cpu"`` or ``"cuda"``.
         timeout_seconds: timeout of torch.distributed collectives, in seconds.
         env: environment to read (default ``os.environ``).
+        cuda_aware_mpi: ``"auto"``, ``"on"`` or ``"off"``: whether cross-node MPI gets CUDA
+            device buffers (kept in :attr:`ProcessGroups.cuda_aware_mpi`).
 
     Raises:
-        TopologyError: impossible layout, missing rendezvous, or ``cuda`` requested without GPUs
+        TopologyError: impossible layout, missing rendezvous, MPI without
+            ``MPI_THREAD_MULTIPLE`` on several nodes, or ``cuda`` requested without GPUs
             (or fewer GPUs than ranks on a node).
+        ConfigError: ``cuda_aware_mpi`` is not one of auto, on, off.
     """
     import torch
     import torch.distributed as dist
     from mpi4py import MPI
 
+    if cuda_aware_mpi not in ("auto", "on", "off"):
+        raise ConfigError(
+            f"cuda_aware_mpi is {cuda_aware_mpi!r}; use auto, on or off (trainer.cuda_aware_mpi)"
+        )
     env = os.environ if env is None else env
     comm = MPI.COMM_WORLD
     topo = detect_topology(comm, env)
+    mpi_world = comm if comm.Get_size() == topo.world_size else None
+    if topo.num_nodes > 1:
+        require_thread_multiple(MPI)
     use_cuda = device == "cuda" or (device == "auto" and torch.cuda.is_available())
     if use_cuda:
         count = torch.cuda.device_count()
@@ -503,14 +634,14 @@ def init_distributed(
     else:
         torch_device = torch.device("cpu")
         backend = "gloo"
-    store_address = None
+    store_address, store_prefix = None, ""
     if not dist.is_initialized():
         timeout = datetime.timedelta(seconds=timeout_seconds)
-        store = _rendezvous_store(topo, env, comm, timeout)
+        store, store_prefix = _rendezvous_store(topo, env, comm, timeout)
         store_address = (store.host, store.port)
         dist.init_process_group(
             backend,
-            store=store,
+            store=dist.PrefixStore(store_prefix, store),
             rank=topo.rank,
             world_size=topo.world_size,
             timeout=timeout,
@@ -518,14 +649,23 @@ def init_distributed(
     groups = [topo.ranks_on_node(n) for n in range(topo.num_nodes)]
     node_group, _ = dist.new_subgroups_by_enumeration(groups, backend=backend)
     cross_comm = None
-    if comm.Get_size() == topo.world_size and topo.num_nodes > 1:
+    if mpi_world is not None and topo.num_nodes > 1:
         in_cross = topo.local_rank < topo.num_cross_groups
         color = topo.local_rank if in_cross else MPI.UNDEFINED
         split = comm.Split(color, key=topo.node_rank)
         cross_comm = split if in_cross else None
     log.debug("%s backend=%s", topo.describe(), backend)
     return ProcessGroups(
-        topo, backend, dist.group.WORLD, node_group, cross_comm, torch_device, store_address
+        topo,
+        backend,
+        dist.group.WORLD,
+        node_group,
+        cross_comm,
+        torch_device,
+        store_address,
+        mpi_world,
+        cuda_aware_mpi,
+        store_prefix,
     )
 
 

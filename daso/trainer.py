@@ -25,6 +25,7 @@ import logging
 import math
 import signal
 import time
+import warnings
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -35,7 +36,6 @@ from torch.utils.data import (
     DataLoader,
     Dataset,
 )
-from tqdm import tqdm
 
 from daso import checkpoint as ckpt
 from daso.comm import allreduce_sum, unwrap
@@ -43,11 +43,27 @@ from daso.comm.control import ControlPlane
 from daso.data.batches import batch_size, move_to, split_pair
 from daso.data.loaders import epoch_batches, train_loader, val_loader
 from daso.distributed import Distributed
-from daso.errors import CommTimeoutError, ConfigError, DasoError, PeerFailureError
-from daso.faults import PreemptionSignals, describe_peer_failure, record_preemption
-from daso.log import configure_logging
-from daso.metrics import MetricsLog
+from daso.errors import (
+    CheckpointError,
+    CommTimeoutError,
+    ConfigError,
+    DasoError,
+    DataError,
+    PeerFailureError,
+    raise_agreed,
+)
+from daso.faults import (
+    PreemptionSignals,
+    describe_peer_failure,
+    note_run_folder,
+    record_preemption,
+)
+from daso.log import ONCE, configure_logging
+from daso.loggers import check_loggers
+from daso.metrics import MetricsLog, StepLog
+from daso.progress import Progress
 from daso.resume import Checkpointing
+from daso.run_record import RunFolder, new_run_id
 from daso.topology import ProcessGroups, init_distributed, shutdown_distributed
 
 if TYPE_CHECKING:  # the config layer sits above the trainer; only its type is needed here
@@ -130,7 +146,7 @@ def epoch_row(windows: list[dict[str, Any]]) -> dict[str, Any]:
     row = {k: v for k, v in windows[-1].items() if k not in ("window", "loss_sum", "samples")}
     if len(windows) > 1:
         samples = sum(w["samples"] for w in windows)
-        row["train_loss"] = sum(w["loss_sum"] for w in windows) / max(samples, 1)
+        row["train_loss"] = sum(w["loss_sum"] for w in windows) / samples if samples else None
         for key in ADDITIVE_METRICS:
             if key in row:
                 row[key] = sum(w[key] for w in windows)
@@ -202,7 +218,9 @@ class Trainer(Checkpointing):
         if tcfg.num_threads:
             torch.set_num_threads(tcfg.num_threads)
         self.owns_groups = groups is None
-        self.groups = groups or init_distributed(tcfg.device, tcfg.timeout_seconds)
+        self.groups = groups or init_distributed(
+            tcfg.device, tcfg.timeout_seconds, cuda_aware_mpi=tcfg.cuda_aware_mpi
+        )
         self.topology = self.groups.topology
         self.rank = self.topology.rank
         configure_logging(self.rank)
@@ -222,6 +240,7 @@ class Trainer(Checkpointing):
             grad_clip_norm=tcfg.grad_clip_norm,
             amp=tcfg.amp,
             nan_policy=tcfg.nan_policy,
+            max_skipped_steps=tcfg.max_skipped_steps,
             deterministic=tcfg.deterministic,
             timeout_seconds=tcfg.timeout_seconds,
             groups=self.groups,
@@ -234,10 +253,18 @@ class Trainer(Checkpointing):
         self.batch = 0  # micro-batches of ``self.epoch`` already trained (mid-epoch resume)
         self.windows: list[dict[str, Any]] = []  # the current epoch's closed windows
         self.history: list[dict[str, Any]] = []
-        self.output_dir = Path(tcfg.output_dir or "runs/default")
+        check_loggers(tcfg.loggers)  # on every rank, before any work
+        self.run_id = self._agree_on_run_id()
+        if not tcfg.output_dir:  # the Python API's default: a folder of the run's own
+            tcfg.output_dir = str(Path("runs") / self.run_id)
+        self.output_dir = Path(tcfg.output_dir)
         self.metrics_path = self.output_dir / "metrics.jsonl"
-        self.metrics_log = MetricsLog(self.metrics_path, self.rank)
+        self.metrics_log = MetricsLog(self.output_dir, self.rank, tcfg.loggers)
         self.checkpoint_dir = config.checkpoint_folder()
+        self.own_checkpoints: list[str] = []  # this run's files there, newest first
+        self.run_folder = RunFolder(self.output_dir, self.checkpoint_dir, self.run_id)
+        self._replay_scheduler = False  # a resume changed what the LR schedule depends on
+        self._progress_line: float | None = None  # when rank 0 last logged a progress line
         self.stopped: str | None = None  # why the run stopped before its last epoch
         self.stop_at_epoch: int | None = None  # stop (with a checkpoint) after this many epochs
         self._resumed_rng: dict[str, Any] | None = None
@@ -249,7 +276,64 @@ class Trainer(Checkpointing):
                 "checkpoint.every_batches is ignored by %s: its nodes run on their own clocks, "
                 "so checkpoints are taken at epoch ends (and on SIGTERM/SIGUSR1)",
                 self.strategy.name,
+                extra=ONCE,
             )
+
+    def _agree_on_run_id(self) -> str:
+        """Rank 0's new run id, on every rank (a resume later takes the checkpoint's)."""
+        box = [new_run_id()]
+        if dist.is_initialized() and self.topology.world_size > 1:
+            dist.broadcast_object_list(box, src=0, group=self.groups.world_group)
+        return box[0]
+
+    def _collective(self) -> bool:
+        return dist.is_initialized() and self.topology.world_size > 1
+
+    def _prepare(
+        self, train_dataset: Dataset, val_dataset: Dataset | None
+    ) -> tuple[DataLoader, DataLoader | None]:
+        """Collective, at the start of :meth:`fit`: the loaders, the run's length, the LR
+        schedule; rank 0 claims the output folder (lock; a new run refuses another run's
+        results), writes ``run.json`` and opens the loggers. A problem on any rank stops every
+        rank, printed once.
+
+        Raises:
+            ConfigError, DataError, CheckpointError: on every rank, if any rank found one.
+        """
+        self._operation = "start of training: loaders, schedule and the output folder"
+        hosts: list[Any] = [self.topology.hostname]
+        if self._collective():
+            hosts = [None] * self.topology.world_size
+            dist.all_gather_object(hosts, self.topology.hostname, group=self.groups.world_group)
+        error: DasoError | None = None
+        loaders: Any = None
+        try:
+            loader, steps_per_epoch = self._train_loader(train_dataset)
+            self.dist.set_steps_per_epoch(steps_per_epoch)
+            self.dist.step_count = (
+                self.epoch * steps_per_epoch + self.batch // self.dist.accumulate_steps
+            )
+            self._build_scheduler(steps_per_epoch)
+            val_loader = self._val_loader(val_dataset) if val_dataset is not None else None
+            loaders = (loader, val_loader)
+            if self.rank == 0:
+                self.run_folder.run_id = self.run_id  # a resume took the checkpoint's
+                self.run_folder.claim(self._resumed, self.config.trainer.overwrite)
+                config = self.config.model_dump(mode="json")
+                layout = self.topology.ranks_per_node
+                self.run_folder.write_record(config, layout, hosts, self._resumed)
+                self.metrics_log.open(self.run_id, config, self.history, self.dist.step_count)
+        except (ConfigError, DataError, CheckpointError) as err:
+            error = err
+        messages: list[Any] = [str(error) if error is not None else None]
+        if self._collective():
+            messages = [None] * self.topology.world_size
+            dist.all_gather_object(
+                messages, str(error) if error is not None else None, group=self.groups.world_group
+            )
+        raise_agreed(error, messages, self.rank)
+        note_run_folder(self.output_dir)
+        return loaders
 
     # -- what the loop steps -------------------------------------------------------------------
     @property
@@ -300,9 +384,19 @@ class Trainer(Checkpointing):
             self.lr_scheduler = scheduler_from_config(
                 self.optimizer, optim, epochs, steps_per_epoch
             )
-        if self.lr_scheduler is not None and self._scheduler_state is not None:
-            self.lr_scheduler.load_state_dict(self._scheduler_state)
-        self._scheduler_state = None
+        state, self._scheduler_state = self._scheduler_state, None
+        if self.lr_scheduler is None or state is None:
+            return
+        if self._replay_scheduler and arg is None:
+            # the resume changed trainer.epochs, optim.lr or the schedule: the new schedule,
+            # stepped to where the checkpoint was (what a run with the new config would have)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # "scheduler.step() before optimizer.step()"
+                for _ in range(int(state.get("last_epoch", 0))):
+                    self.lr_scheduler.step()
+            log.info("LR schedule rebuilt for the new config: lr %.6g", self._lr())
+        else:
+            self.lr_scheduler.load_state_dict(state)
 
     # -- loop ----------------------------------------------------------------------------------
     def fit(
@@ -340,15 +434,7 @@ class Trainer(Checkpointing):
             CheckpointError: rank 0 could not write a checkpoint, or the ranks resumed
                 different checkpoints (checked before the first batch).
         """
-        loader, steps_per_epoch = self._train_loader(train_dataset)
-        self.dist.set_steps_per_epoch(steps_per_epoch)
-        self.dist.step_count = (
-            self.epoch * steps_per_epoch + self.batch // self.dist.accumulate_steps
-        )
-        self._build_scheduler(steps_per_epoch)
-        val_loader = self._val_loader(val_dataset) if val_dataset is not None else None
-        if self.rank == 0:
-            self.output_dir.mkdir(parents=True, exist_ok=True)
+        loader, val_loader = self._prepare(train_dataset, val_dataset)
         if not self._resumed:
             torch.manual_seed(self.config.trainer.seed + 1000 + self.rank)  # augment, dropout
         done = self.history[-1]["wall_seconds"] if self.history else 0.0
@@ -364,6 +450,21 @@ class Trainer(Checkpointing):
         if self.stopped:
             record_preemption(self.stopped)
         return self.history
+
+    def _raise_if_ranks_lost(self, signum: int) -> None:
+        """A stop signal while ranks are lost is the launcher's failure notice (MPICH's
+        ``-disable-auto-cleanup`` sends SIGUSR1 to the survivors), not a pre-emption.
+
+        Raises:
+            PeerFailureError: naming the lost ranks.
+        """
+        lost = self.control.lost_ranks()
+        if lost:
+            raise PeerFailureError(
+                f"rank {self.rank}: {_signal_name(signum)} came while rank(s) {lost} stopped "
+                "answering (no heartbeat): a failure notice from the launcher, not a "
+                "pre-emption; no checkpoint is written"
+            )
 
     def _raise_if_peer_failure(self, err: BaseException) -> None:
         """Turn a communication failure into :class:`PeerFailureError`: always for a
@@ -398,12 +499,13 @@ class Trainer(Checkpointing):
             row.update(self._evaluate(val_loader))
         else:
             row["val_loss"] = row["val_accuracy"] = None
-        row["lr"] = self.optimizer.param_groups[0]["lr"]
+        row["lr"] = self._lr()
         if self.lr_scheduler is not None and self.config.optim.scheduler_interval == "epoch":
             self.lr_scheduler.step()
         row["epoch_seconds"] = time.perf_counter() - begin
         row["wall_seconds"] = time.perf_counter() - start
         row["strategy"] = self.strategy.name
+        row["run_id"] = self.run_id
         self.epoch, self.batch = epoch + 1, 0
         self.history.append(row)
         self.metrics_log.write(row)
@@ -414,6 +516,7 @@ class Trainer(Checkpointing):
         )
         self._stop_requested = False
         if stop:
+            self._raise_if_ranks_lost(signals.received)
             self.stopped = _signal_name(signals.received)
         elif self.stop_at_epoch is not None and self.epoch >= self.stop_at_epoch:
             self.stopped = f"stop_at_epoch={self.stop_at_epoch}"
@@ -433,14 +536,17 @@ class Trainer(Checkpointing):
             ckpt.restore_rng_state(self._resumed_rng)
             self._resumed_rng = None
         every = self.config.checkpoint.every_batches if self.control.lockstep else None
-        bar = tqdm(
-            total=dist_.steps_per_epoch,
-            initial=self.batch // acc,
-            desc=f"epoch {epoch}",
-            leave=False,
-            dynamic_ncols=True,
-            disable=self.rank != 0 or not self.config.trainer.progress,
+        tcfg = self.config.trainer
+        bar = Progress(
+            dist_.steps_per_epoch,
+            self.batch // acc,
+            f"epoch {epoch}",
+            enabled=self.rank == 0 and tcfg.progress is not False,
+            interval=tcfg.progress_seconds,
+            terminal=None if tcfg.progress is True else tcfg.progress == "bar",
+            last_line=self._progress_line,
         )
+        steps_log = StepLog(tcfg.log_every_steps, self.metrics_log, self.run_id, epoch)
         for batch in batches:
             batch = move_to(batch, self.device)
             with dist_.micro_batch():
@@ -451,9 +557,11 @@ class Trainer(Checkpointing):
             window = dist_.step()
             if window is not None:
                 self.windows.append(window)
+            lr = self._lr()
             if self.lr_scheduler is not None and self.config.optim.scheduler_interval == "step":
                 self.lr_scheduler.step()
-            bar.update()
+            steps_log.step(dist_, lr, batch_size(batch) * acc, self.rank == 0)
+            bar.update(dist_.last_step_loss if bar.enabled and not bar.terminal else None)
             steps = self.batch // acc
             self._operation = f"epoch {epoch} step {steps - 1}: stop vote"
             if self.control.stop_vote.exchange(1 if signals.received else 0):
@@ -470,7 +578,11 @@ class Trainer(Checkpointing):
             if every and steps % every == 0:
                 self.save_checkpoint()
         bar.close()
+        self._progress_line = bar.last
         return True
+
+    def _lr(self) -> float:
+        return float(self.optimizer.param_groups[0]["lr"])
 
     def _loss(self, model: torch.nn.Module, batch: Any) -> torch.Tensor:
         return self._forward(model, batch)[0]
@@ -534,6 +646,8 @@ class Trainer(Checkpointing):
                 may be gone); the process should then exit (the CLI aborts the MPI job).
         """
         self.control.close(clean)
+        self.metrics_log.close()
+        self.run_folder.release()
         if not clean:
             return
         self.strategy.close()

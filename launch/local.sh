@@ -28,5 +28,9 @@ else
 fi
 [[ -x "$venv/bin/mpiexec" ]] || { echo "no $venv/bin/mpiexec: run 'make install' first" >&2; exit 2; }
 echo "daso: $world ranks as nodes of [$layout] ranks, config $config" >&2
+# mpiexec hands the ranks pipes, not this terminal: say which progress display fits (a bar on
+# a terminal, periodic lines in a log file); a --set of the caller's comes later and wins
+progress=lines
+[[ -t 2 ]] && progress=bar
 exec "$venv/bin/mpiexec" -n "$world" -genv DASO_RANKS_PER_NODE "$layout" \
-  "$venv/bin/python" -m daso.cli train --config "$config" "$@"
+  "$venv/bin/python" -m daso.cli train --config "$config" --set "trainer.progress=$progress" "$@"

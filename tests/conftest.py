@@ -13,7 +13,16 @@ from mpi_harness import MNIST_EPOCHS, SHARED_JOBS, run_batch  # noqa: E402
 #: The MNIST accuracy runs on 2 emulated nodes x 2 ranks: label -> (config, overrides).
 MNIST_RUNS = {
     "ddp": ("mnist_cnn_ddp.yaml", []),
-    "daso": ("mnist_cnn_daso.yaml", ["strategy.warmup_windows=1", "strategy.cooldown_windows=1"]),
+    # also the run whose logger files tests/test_run_records.py reads back
+    "daso": (
+        "mnist_cnn_daso.yaml",
+        [
+            "strategy.warmup_windows=1",
+            "strategy.cooldown_windows=1",
+            "trainer.loggers=[jsonl, csv, tensorboard]",
+            "trainer.log_every_steps=5",
+        ],
+    ),
     "daso+nesterov": (
         "mnist_cnn_daso.yaml",
         [
@@ -44,11 +53,12 @@ MNIST_RUNS = {
 
 
 @pytest.fixture(scope="session")
-def mnist_runs(tmp_path_factory):
-    """Metric rows of every strategy's demo config on real MNIST for ``MNIST_EPOCHS`` epochs
-    (unless the overrides say otherwise), 2 emulated nodes x 2 ranks, label -> rank 0's rows:
-    one MPI job trains them one after the other (as ``daso train`` builds them), so the ranks
-    start once, not once per run."""
+def mnist_job(tmp_path_factory):
+    """Every strategy's demo config on real MNIST for ``MNIST_EPOCHS`` epochs (unless the
+    overrides say otherwise), 2 emulated nodes x 2 ranks: ``(rows, folders)``, label -> rank
+    0's metric rows and label -> the run's output folder. One MPI job trains them one after
+    the other (as ``daso train`` builds them), so the ranks start once, not once per run."""
+    base = tmp_path_factory.mktemp("mnist")
     scenarios = {
         label: {
             "scenario": "train_config",
@@ -57,8 +67,16 @@ def mnist_runs(tmp_path_factory):
         }
         for label, (config, overrides) in MNIST_RUNS.items()
     }
-    results = run_batch(scenarios, 4, "2", tmp_path_factory.mktemp("mnist"), timeout=900)
-    return {label: per_rank[0] for label, per_rank in results.items()}
+    results = run_batch(scenarios, 4, "2", base, timeout=900)
+    rows = {label: per_rank[0] for label, per_rank in results.items()}
+    # run_batch runs the job in <base>/batch, each scenario in <label>/, its run in run/
+    return rows, {label: base / "batch" / label / "run" for label in results}
+
+
+@pytest.fixture(scope="session")
+def mnist_runs(mnist_job):
+    """Label -> rank 0's metric rows of :func:`mnist_job`."""
+    return mnist_job[0]
 
 
 @pytest.fixture(scope="session")

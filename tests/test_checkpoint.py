@@ -3,6 +3,8 @@ back past a corrupt file, compatibility errors, pruning; and the CLI around them
 
 from __future__ import annotations
 
+import errno
+import io
 import logging
 import os
 import subprocess
@@ -26,6 +28,7 @@ def payload(epoch: int, batch: int = 0, states: int = 1, layout=(2, 2)) -> dict:
             "layout": list(layout),
             "epoch": epoch,
             "batch": batch,
+            "model_signature": [["w", [3]]],
         },
         "shared": {"history": []},
         "states": [ckpt.serialize({"w": torch.full((3,), float(i))}) for i in range(states)],
@@ -93,13 +96,65 @@ def test_auto_skips_corrupt_newest_with_warning(tmp_path, caplog):
 
 
 def test_prune_keeps_newest(tmp_path):
-    for epoch in range(1, 6):
-        write(tmp_path, epoch)
-    ckpt.prune(tmp_path, keep=2)
-    assert [p.name for p in ckpt.list_checkpoints(tmp_path)] == [
-        ckpt.checkpoint_name(5, 0),
-        ckpt.checkpoint_name(4, 0),
-    ]
+    own = [write(tmp_path, epoch).name for epoch in range(1, 6)]
+    kept = ckpt.prune(tmp_path, 2, own)
+    assert (
+        [p.name for p in ckpt.list_checkpoints(tmp_path)]
+        == kept
+        == [
+            ckpt.checkpoint_name(5, 0),
+            ckpt.checkpoint_name(4, 0),
+        ]
+    )
+
+
+def test_prune_deletes_only_this_runs_files(tmp_path):
+    """Another run's newer checkpoints and junk named like a checkpoint are never deleted and
+    never push this run's checkpoints out."""
+    other = write(tmp_path, 9)
+    junk = tmp_path / ckpt.checkpoint_name(99999, 0)
+    junk.write_bytes(b"not a checkpoint")
+    own = [write(tmp_path, epoch).name for epoch in range(1, 4)]
+    assert ckpt.prune(tmp_path, 2, own) == [ckpt.checkpoint_name(3, 0), ckpt.checkpoint_name(2, 0)]
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+        [other.name, junk.name, ckpt.checkpoint_name(3, 0), ckpt.checkpoint_name(2, 0)]
+    )
+
+
+class Foreign:
+    """An object a checkpoint may not hold."""
+
+
+def test_valid_checksum_but_foreign_content_is_refused_and_auto_falls_back(tmp_path, caplog):
+    """A checksummed archive that is not a daso checkpoint (here: a pickled object, then a
+    dict without the per-rank states) is a CheckpointError that never advises the unsafe
+    ``weights_only=False``; ``--resume auto`` takes the one before it."""
+    good = write(tmp_path, 1)
+    buffer = io.BytesIO()
+    torch.save({"meta": Foreign()}, buffer)  # an object outside plain data
+    odd = tmp_path / ckpt.checkpoint_name(2, 0)
+    ckpt.write_atomic(odd, buffer.getvalue())
+    with pytest.raises(CheckpointError) as err:
+        ckpt.read_checkpoint(odd)
+    assert "cannot be read" in str(err.value) and "Foreign" in str(err.value)
+    assert "weights_only" not in str(err.value) and "\n" not in str(err.value)
+    shapeless = tmp_path / ckpt.checkpoint_name(3, 0)
+    ckpt.write_atomic(shapeless, ckpt.serialize({"meta": {}, "states": []}))
+    with pytest.raises(CheckpointError, match="lacks"):
+        ckpt.read_checkpoint(shapeless)
+    with caplog.at_level("WARNING"):
+        path, _ = ckpt.resolve_resume("auto", tmp_path)
+    assert path == good
+    assert sum("skipping" in m for m in caplog.messages) == 2
+
+
+def test_full_disk_message_gives_the_fix(tmp_path):
+    message = ckpt.write_failure(
+        tmp_path / "ckpt.pt", OSError(errno.ENOSPC, "No space left on device"), 5_000_000
+    )
+    assert "No space left on device" in message
+    assert "free space there (each checkpoint needs about 5 MB)" in message
+    assert "checkpoint.dir" in message and "\n" not in message
 
 
 def test_write_failure_leaves_old_file(tmp_path, monkeypatch):

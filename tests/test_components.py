@@ -27,14 +27,18 @@ ROW = {
 def test_metrics_log_writes_json_lines_and_one_summary_on_rank_0(tmp_path, caplog):
     path = tmp_path / "metrics.jsonl"
     with caplog.at_level(logging.INFO, logger="daso.trainer"):
-        MetricsLog(path, 0).write({**ROW, "global_skips": 4})
-        MetricsLog(path, 1).write({**ROW, "epoch": 4})  # other ranks write nothing
+        for rank, epoch in ((0, 3), (1, 4)):  # other ranks write nothing
+            log = MetricsLog(tmp_path, rank, ["jsonl"])
+            log.open("run-a", {}, [], 0)
+            log.write({**ROW, "epoch": epoch, "global_skips": 4})
+            log.close()
     assert [json.loads(line)["epoch"] for line in path.read_text().splitlines()] == [3]
     assert caplog.messages == [
         "epoch 3 | train loss 0.5000 | val loss 0.2500 | global_skips 4 | cross-node 2.00 MB "
         "| 1.5 s"
     ]
-    MetricsLog(path, 0).rewrite([ROW, {**ROW, "epoch": 4}])
+    resumed = MetricsLog(tmp_path, 0, ["jsonl"])  # a resume: the checkpoint's history
+    resumed.open("run-a", {}, [ROW, {**ROW, "epoch": 4}], 10)
     assert len(path.read_text().splitlines()) == 2
 
 

@@ -10,7 +10,14 @@ from pathlib import Path
 
 import pytest
 
-from daso.config import STRATEGY_SECTIONS, DASOConfig, ModelName, load_config, reference_table
+from daso.config import (
+    STRATEGY_SECTIONS,
+    DASOConfig,
+    ModelName,
+    default_output_dir,
+    load_config,
+    reference_table,
+)
 from daso.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -25,6 +32,8 @@ def test_configs_folder_has_the_required_files():
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
 def test_every_shipped_config_validates(path):
     config = load_config(path)
+    assert config.trainer.output_dir is None  # the Python API: the trainer gives each run its own
+    default_output_dir(config, path)  # daso train: one folder per config, for --resume auto
     assert config.trainer.output_dir == str(Path("runs") / path.stem)
     assert config.strategy.name in STRATEGY_SECTIONS
 
@@ -76,7 +85,7 @@ def test_unknown_section(tmp_path):
             "strategy.downcast",
             "'bfloat16', 'float16' or 'float32'",
         ),
-        ("trainer:\n  epochs: many\n", "trainer.epochs", "valid integer"),
+        ("trainer:\n  epochs: many\n", "trainer.epochs", "must be an integer, got the text"),
         ("optim:\n  lr: -1\n", "optim.lr", "greater than 0"),
         (
             "strategy:\n  name: gossip\n",
@@ -175,3 +184,37 @@ def test_readme_config_reference_matches_schema():
     assert section.group(1).strip() == reference_table().strip(), (
         "README config table is stale: regenerate it with `daso config-reference`"
     )
+
+
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("trainer:\n  epochs: '3'\n", "trainer.epochs: must be an integer, got the text '3' "
+         "(quoted); remove the quotes"),
+        ("trainer:\n  epochs: 1e9\n", "trainer.epochs: must be an integer, got the float "
+         "1000000000.0; write 1000000000"),
+        ("trainer:\n  epochs: 2.5\n", "trainer.epochs: must be an integer, got the float 2.5"),
+        ("optim:\n  lr: '0.1'\n", "optim.lr: must be a number, got the text '0.1' (quoted)"),
+        ("trainer:\n  deterministic: 'yes'\n", "trainer.deterministic: must be true or false"),
+    ],
+)  # fmt: skip
+def test_numbers_and_bools_are_strict_and_say_why(tmp_path, text, message):
+    with pytest.raises(ConfigError) as err:
+        load_config(write(tmp_path, text))
+    assert message in str(err.value), str(err.value)
+
+
+def test_exponent_notation_is_a_number_as_in_yaml_1_2(tmp_path):
+    config = load_config(write(tmp_path, "optim:\n  lr: 1e-3\n"), ["optim.weight_decay=5e-4"])
+    assert (config.optim.lr, config.optim.weight_decay) == (0.001, 0.0005)
+
+
+def test_without_a_config_file_the_output_folder_is_left_to_the_run():
+    assert load_config(None).trainer.output_dir is None
+
+
+def test_loggers_are_named_once_and_from_the_known_ones(tmp_path):
+    with pytest.raises(ConfigError, match=r"trainer.loggers: lists \['csv'\] more than once"):
+        load_config(None, ["trainer.loggers=[csv, jsonl, csv]"])
+    with pytest.raises(ConfigError, match=r"trainer.loggers.0"):
+        load_config(None, ["trainer.loggers=[neptune]"])

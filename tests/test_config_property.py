@@ -107,7 +107,8 @@ def _assert_valid(config: Config) -> None:
         assert config.strategy.warmup_windows + config.strategy.cooldown_windows <= (
             config.trainer.epochs
         )
-    assert config.trainer.output_dir
+    # a file gives no default folder (the trainer and the CLI choose it), a set value stays
+    assert config.trainer.output_dir is None or isinstance(config.trainer.output_dir, str)
 
 
 @SETTINGS

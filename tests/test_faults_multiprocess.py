@@ -136,6 +136,11 @@ def test_dead_or_stuck_rank_stops_every_rank_within_the_timeout(tmp_path, how):
     assert elapsed < timeout + 30, f"{elapsed:.1f} s"
     match = re.search(r"rank (\d): epoch 1[^\n]* failed: rank\(s\) \[3\] stopped answering", log)
     assert match, log
+    # every survivor names the lost rank, whatever it was blocked in (the launcher does not
+    # kill the job here), in one line and without a traceback
+    naming = set(re.findall(r"\[rank (\d)\] ERROR [^\n]*rank\(s\) \[3\] stopped answering", log))
+    assert naming == {"0", "1", "2"}, log
+    assert "Traceback" not in log
     ckpt.read_checkpoint(ckpt.list_checkpoints(out / "checkpoints")[0])  # intact, verifies
 
 
@@ -155,6 +160,12 @@ def test_nan_stop_names_epoch_batch_and_rank(tmp_path):
     )
     assert found, result.stderr
     assert "trainer.nan_policy=skip" in result.stderr
+    # one line per failing rank, no traceback on the terminal (it is in the run folder)
+    errors = [line for line in result.stderr.splitlines() if " ERROR " in line]
+    assert errors and all("NaN or Inf" in line for line in errors), result.stderr
+    assert len({line.split("]")[0] for line in errors}) == len(errors) <= 2
+    assert "Traceback" not in result.stderr
+    assert (tmp_path / "run" / f"traceback-rank{found[1]}.txt").is_file()
     batch = int(found[2])
     newest = ckpt.list_checkpoints(tmp_path / "run" / "checkpoints")[0]
     checkpoint = ckpt.read_checkpoint(newest)

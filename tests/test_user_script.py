@@ -83,7 +83,10 @@ def test_user_script_exits_2_on_a_bad_config(tmp_path):
     result = run_command(args, 2, "1", timeout=60)
     assert result.returncode == 2, result.stdout + result.stderr
     errors = [line for line in result.stderr.splitlines() if "ERROR" in line]
-    assert len(errors) == 1 and "strategy.max_global_skips" in errors[0], result.stderr
+    # every rank that finds bad input says so, in one line; the job ends with exit 2
+    assert sorted(line.split("]")[0].split("[")[1] for line in errors) == ["rank 0", "rank 1"]
+    assert all("strategy.max_global_skips" in line for line in errors), result.stderr
+    assert "Traceback" not in result.stderr
     assert not (tmp_path / "run").exists()
 
 

@@ -13,6 +13,7 @@ instead of the per-batch allreduce, so that no node ever waits for another durin
 from __future__ import annotations
 
 import datetime
+import json
 import logging
 import threading
 import time
@@ -25,6 +26,10 @@ log = logging.getLogger(__name__)
 
 #: Store key a rank posts when asked to stop (see :class:`NodeStopVote`).
 STOP_KEY = "daso/stop"
+#: Store key where rank 0 posts the ranks whose heartbeats stopped (JSON list).
+LOST_KEY = "daso/lost"
+#: ``<DONE_KEY>/<rank>``: that rank closed its heartbeat on purpose.
+DONE_KEY = "daso/done"
 
 
 def _max(values: list[int], group: Any) -> list[int]:
@@ -177,12 +182,32 @@ class Heartbeat:
         host, port: address of the rendezvous ``TCPStore`` (hosted by rank 0).
         rank, world_size: this rank and the number of ranks.
         interval: seconds between beats.
+        prefix: the job's key namespace in the store (the keys above lie below it).
+        lost_after: seconds without a beat after which rank 0's thread, which watches every
+            counter, declares a rank lost: it posts the list under ``daso/lost`` and every
+            rank's thread logs it, whatever the main thread is blocked in (a launcher that
+            does not kill the job after one rank dies leaves the others waiting, and their
+            first error may be a bare "connection closed").
+
+    Attributes:
+        lost: the ranks declared lost so far (empty while all beat).
     """
 
     def __init__(
-        self, host: str, port: int, rank: int, world_size: int, interval: float = 1.0
+        self,
+        host: str,
+        port: int,
+        rank: int,
+        world_size: int,
+        interval: float = 1.0,
+        prefix: str = "",
+        lost_after: float = 10.0,
     ) -> None:
         self.address = (host, port)
+        self.prefix = prefix
+        self.lost_after = lost_after
+        self.lost: list[int] = []
+        self._seen: dict[int, tuple[int, float]] = {}  # rank 0: counter, when it last moved
         self.rank, self.world_size = rank, world_size
         self.interval = interval
         self._stop = threading.Event()
@@ -192,12 +217,13 @@ class Heartbeat:
         self._thread.start()
 
     def _client(self, timeout: float) -> Any:
-        return dist.TCPStore(
+        store = dist.TCPStore(
             self.address[0],
             self.address[1],
             is_master=False,
             timeout=datetime.timedelta(seconds=timeout),
         )
+        return dist.PrefixStore(self.prefix, store) if self.prefix else store
 
     def _beat(self) -> None:
         try:
@@ -209,9 +235,55 @@ class Heartbeat:
                     store.set(STOP_KEY, str(self.rank))
                 if store.check([STOP_KEY]):
                     self._stop_seen.set()
+                if self.rank == 0:
+                    self._watch(store)
+                if store.check([LOST_KEY]):
+                    self._report(json.loads(store.get(LOST_KEY)))
                 self._stop.wait(self.interval)
         except Exception as err:  # noqa: BLE001 - the store's host is gone; nothing to beat to
+            if not self._stop.is_set() and self.rank != 0:
+                log.error(
+                    "rank %d: rank 0 stopped answering (its rendezvous store is gone: %s)",
+                    self.rank,
+                    err,
+                )
             log.debug("heartbeat stopped: %s", err)
+
+    def _watch(self, store: Any) -> None:
+        """Rank 0: post the ranks whose counters stood still for ``lost_after`` seconds (and
+        that have not said they are done)."""
+        now = time.monotonic()
+        lost = []
+        for r in range(1, self.world_size):
+            count = store.add(f"daso/heartbeat/{r}", 0)
+            last = self._seen.get(r)
+            if last is None or count != last[0]:
+                self._seen[r] = (count, now)
+            elif now - last[1] > self.lost_after and not store.check([f"{DONE_KEY}/{r}"]):
+                lost.append(r)
+        if lost and lost != self.lost:
+            store.set(LOST_KEY, json.dumps(lost))
+
+    def _report(self, lost: list[int]) -> None:
+        if lost != self.lost:
+            self.lost = lost
+            log.error(
+                "rank %d: rank(s) %s stopped answering (no heartbeat for %.0f s): dead or "
+                "stuck; the job cannot go on",
+                self.rank,
+                lost,
+                self.lost_after,
+            )
+
+    def report_lost(self, ranks: list[int]) -> None:
+        """Post ``ranks`` as lost (a rank that found them silent after a failed collective), so
+        every rank's thread names them before the job is aborted (this rank names them in
+        its own error)."""
+        self.lost = sorted(ranks)
+        try:
+            self._client(2.0).set(LOST_KEY, json.dumps(sorted(ranks)))
+        except Exception:  # noqa: BLE001 - the store is gone: rank 0 is among the lost
+            pass
 
     def request_stop(self) -> None:
         """Post ``daso/stop`` for every rank to see (on the next beat)."""
@@ -240,7 +312,11 @@ class Heartbeat:
         return [r for r, (a, b) in enumerate(zip(before, after)) if b <= a]
 
     def close(self) -> None:
-        """Stop beating."""
+        """Stop beating, saying so first (so rank 0 does not count this rank as lost)."""
+        try:
+            self._client(2.0).set(f"{DONE_KEY}/{self.rank}", "1")
+        except Exception:  # noqa: BLE001 - the store is gone already
+            pass
         self._stop.set()
         self._thread.join(timeout=5 * self.interval)
 
@@ -280,7 +356,11 @@ class ControlPlane:
         node = node if topo.local_world_size > 1 else None
         leaders = leaders if topo.local_rank == 0 and topo.num_nodes > 1 else None
         address = groups.store_address
-        self.heartbeat = Heartbeat(*address, topo.rank, topo.world_size) if address else None
+        self.heartbeat = (
+            Heartbeat(*address, topo.rank, topo.world_size, prefix=groups.store_prefix)
+            if address
+            else None
+        )
         if lockstep or self.heartbeat is None:
             self.lockstep = True
             self.stop_vote = StopVote(node, leaders, topo.local_rank == 0, timeout)
@@ -288,8 +368,20 @@ class ControlPlane:
             self.stop_vote = NodeStopVote(node, leaders, self.heartbeat, timeout)
 
     def silent_ranks(self) -> list[int] | None:
-        """Ranks whose heartbeat stopped (``None`` without heartbeats)."""
-        return self.heartbeat.silent_ranks() if self.heartbeat is not None else None
+        """Ranks whose heartbeat stopped (``None`` without heartbeats, or when rank 0's store
+        is gone), posted for every rank to name (see :meth:`Heartbeat.report_lost`)."""
+        if self.heartbeat is None:
+            return None
+        silent = self.heartbeat.silent_ranks()
+        if silent is not None and not silent and self.heartbeat.lost:
+            silent = list(self.heartbeat.lost)
+        if silent:
+            self.heartbeat.report_lost(silent)
+        return silent
+
+    def lost_ranks(self) -> list[int]:
+        """The ranks rank 0's watch has declared lost (empty without heartbeats)."""
+        return list(self.heartbeat.lost) if self.heartbeat is not None else []
 
     def close(self, clean: bool = True) -> None:
         """Stop the heartbeat; with ``clean``, finish the vote and destroy the groups (this

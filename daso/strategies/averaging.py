@@ -36,7 +36,14 @@ def shard_sum_link(
         return None
     topo = groups.topology
     start, stop = shard_bounds(numel, topo.num_cross_groups)[topo.local_rank]
-    return CrossNodeSum(groups.cross_comm, stop - start, wire_dtype, groups.device, timeout=timeout)
+    return CrossNodeSum(
+        groups.cross_comm,
+        stop - start,
+        wire_dtype,
+        groups.device,
+        timeout=timeout,
+        cuda_aware_mpi=groups.cuda_aware_mpi,
+    )
 
 
 def sum_shards_over_nodes(
@@ -164,6 +171,7 @@ class CrossNodeAverager:
                 groups.device,
                 timeout=timeout,
                 poll_interval=poll_interval,
+                cuda_aware_mpi=groups.cuda_aware_mpi,
             )
         self.sender = 0
         self._extended: FlatBuffer | None = None

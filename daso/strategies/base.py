@@ -142,6 +142,18 @@ class Strategy(abc.ABC):
         self.window_length = 0
         self.deterministic = False
         self.accumulate_steps = 1  # micro-batches per step (set before wrap)
+        self.events: list[dict[str, Any]] = []  # this step's sync events (see record_event)
+
+    def record_event(self, event: str, **fields: Any) -> None:
+        """Note a sync event of this step for the step logs, e.g. DASO's ``send`` (``bytes``)
+        and ``merge`` (``staleness`` in steps, ``wait_seconds``); :class:`daso.Distributed`
+        collects them after every step (:meth:`drain_events`)."""
+        self.events.append({"event": event, **fields})
+
+    def drain_events(self) -> list[dict[str, Any]]:
+        """The events recorded since the last call (then forgotten)."""
+        events, self.events = self.events, []
+        return events
 
     def set_run_length(self, windows: int) -> None:
         """The run's number of windows, once known (before the first step).
@@ -203,8 +215,9 @@ class Strategy(abc.ABC):
         the strategy has them."""
         return {"cross_node_bytes": 0, "comm_wait_seconds": 0.0}
 
-    def end_window(self, window: int, loss: float) -> None:
-        """Called after ``window`` with its training loss averaged over all ranks."""
+    def end_window(self, window: int, loss: float | None) -> None:
+        """Called after ``window`` with its training loss averaged over all ranks (``None``
+        when every step of the window was skipped as non-finite)."""
 
     def state_dict(self) -> dict[str, Any]:
         """Everything the strategy keeps that a resumed run needs (no pending requests)."""

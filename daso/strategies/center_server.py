@@ -47,7 +47,7 @@ from daso.errors import TopologyError
 from daso.options import StrategyOptions
 from daso.strategies.base import EpochCounters, Strategy
 from daso.strategies.easgd import swapped_in
-from daso.topology import ProcessGroups
+from daso.topology import ProcessGroups, require_thread_multiple
 
 
 class CenterServerOptions(StrategyOptions):
@@ -74,6 +74,8 @@ class CenterServerStrategy(Strategy):
 
     Raises:
         ConfigError: ``period < 1`` or ``evaluate`` not center|worker.
+        TopologyError (from :meth:`wrap`): MPI without ``MPI_THREAD_MULTIPLE`` (the server
+            thread and the training thread both call MPI).
     """
 
     Options = CenterServerOptions
@@ -97,6 +99,8 @@ class CenterServerStrategy(Strategy):
         self.optimizer = optimizer
         self.model = self.wrap_in_node(model)
         self.state = FlatBuffer(model_state_tensors(model), device=self.groups.device)
+        # every rank checks (same MPI everywhere), so all stop together, not only the leaders
+        require_thread_multiple(MPI, f"{self.name}'s parameter server (even on one node)")
         if self.leader:
             self._start_server(self.state.pack().cpu())
         return self.model

@@ -193,23 +193,33 @@ class DASOStrategy(Strategy):
         if last:
             self._epoch_average()
         elif params.blocking and self.topology.num_nodes > 1:
-            self.averager.average(outer=False, tag="DASO blocking average")
-            self.syncs["blocking_averages"] += 1
+            self._average([], False, "blocking", "DASO blocking average")
         elif params.is_send_batch(batch):
             self._start_send(batch)
 
     def _start_send(self, batch: int) -> None:
         keep = self.merge_rule == "progress"
+        sent, _ = self.averager.counters()
         sender = self.averager.start(tag=f"DASO send at batch {batch}", keep_sent=keep)
         self.pending = (batch, sender)
         self.syncs["sends"] += 1
+        self.record_event("send", sender=sender, bytes=self.averager.counters()[0] - sent)
 
     def _merge(self, batches_waited: int) -> None:
         _, sender = self.pending
         self.pending = None
         received, self._received = self._received, None
+        sent, waited = self.averager.counters()
         self.averager.merge(sender, batches_waited, summed=received, rule=self.merge_rule)
         self.syncs["merges"] += 1
+        after_sent, after_waited = self.averager.counters()
+        self.record_event(
+            "merge",
+            sender=sender,
+            staleness=batches_waited,
+            wait_seconds=after_waited - waited,
+            bytes=after_sent - sent,
+        )
 
     def _epoch_average(self) -> None:
         """Blocking average closing the epoch: model state, and optimizer state if configured
@@ -219,8 +229,16 @@ class DASOStrategy(Strategy):
             return
         extra = optimizer_state_tensors(self.optimizer) if self.sync_optimizer_state else []
         cycling = self.schedule.params.phase == CYCLING
-        self.averager.average(extra, outer=cycling, tag="DASO end-of-epoch average")
+        self._average(extra, cycling, "window_end", "DASO end-of-epoch average")
+
+    def _average(self, extra: list[torch.Tensor], outer: bool, kind: str, tag: str) -> None:
+        sent, waited = self.averager.counters()
+        self.averager.average(extra, outer=outer, tag=tag)
         self.syncs["blocking_averages"] += 1
+        after_sent, after_waited = self.averager.counters()
+        self.record_event(
+            "average", kind=kind, bytes=after_sent - sent, wait_seconds=after_waited - waited
+        )
 
     # -- per epoch -----------------------------------------------------------------------------
     def window_metrics(self) -> dict[str, float]:

@@ -48,7 +48,7 @@ from pydantic import AliasChoices, Field
 
 from daso.comm import WIRE_DTYPES, CrossNodeSum, FlatBuffer, synced_state_tensors
 from daso.comm.shared import SharedVector, share_vector
-from daso.errors import ConfigError
+from daso.errors import ConfigError, TopologyError
 from daso.options import StrategyOptions, WireDtype
 from daso.strategies.base import EpochCounters, Strategy
 from daso.topology import ProcessGroups
@@ -189,7 +189,13 @@ class PASSMStrategy(Strategy):
         self._tensors = tensors
         self._params = [t for t in tensors if t.requires_grad]  # buffers never are
         topo, device = self.topology, self.groups.device
-        world = MPI.COMM_WORLD
+        world = self.groups.mpi_world
+        if world is None:
+            raise TopologyError(
+                "passm shares the model among a node's ranks through MPI (a shared-memory "
+                "window on the node's communicator), but this launcher gives every process its "
+                f"own MPI world (torchrun); launch passm with mpiexec -n {topo.world_size} or srun"
+            )
         gpu = device.index if device.type == "cuda" and device.index is not None else 0
         share_comm = world.Split(topo.node_rank * 4096 + gpu, key=topo.rank)
         error = None
@@ -215,7 +221,12 @@ class PASSMStrategy(Strategy):
         self.copies = share_comm.bcast(leaders.Get_size() if self.leader else 0, root=0)
         if self.leader and self.copies > 1:
             self.cross = CrossNodeSum(
-                leaders, self.shared.flat.numel(), self.wire_dtype, device, timeout=self.timeout
+                leaders,
+                self.shared.flat.numel(),
+                self.wire_dtype,
+                device,
+                timeout=self.timeout,
+                cuda_aware_mpi=self.groups.cuda_aware_mpi,
             )
             self.anchor = self.shared.flat.clone()
         if self.leader:
