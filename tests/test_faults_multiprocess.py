@@ -197,7 +197,8 @@ def test_nan_skip_is_consistent_and_never_reaches_parameters(tmp_path):
 
 def test_sigterm_stops_asynchronous_nodes_together_at_the_epoch_end(tmp_path):
     """``async_easgd`` keeps its nodes apart during an epoch: the signal travels through the
-    store, every node ends that epoch early and all stop at its end with one checkpoint."""
+    store, every node ends that epoch early and all stop at its end with one checkpoint. (The
+    run also sets a key async_easgd ignores: its warning is printed by rank 0 only.)"""
     out = tmp_path / "run"
     args = train_args(
         "mnist_cnn_async_easgd.yaml",
@@ -205,6 +206,7 @@ def test_sigterm_stops_asynchronous_nodes_together_at_the_epoch_end(tmp_path):
         "trainer.epochs=3",
         "data.train_subset=2048",
         "data.val_subset=256",
+        "checkpoint.every_batches=4",
     )
     proc = launch(args)
     wait_for(lambda: (out / "metrics.jsonl").exists(), 180, proc)
@@ -212,6 +214,7 @@ def test_sigterm_stops_asynchronous_nodes_together_at_the_epoch_end(tmp_path):
     log = finish(proc, 120)
     assert proc.returncode == 75, log
     assert "received SIGUSR1" in log
+    assert log.count("checkpoint.every_batches is ignored") == 1, log  # not once per rank
     newest = ckpt.list_checkpoints(out / "checkpoints")[0]
     meta = ckpt.read_checkpoint(newest)["meta"]
     assert (meta["epoch"], meta["batch"]) == (2, 0), meta  # the interrupted epoch's end

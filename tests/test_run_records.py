@@ -30,14 +30,8 @@ from mpi_harness import ROOT, mpi_env, train_args
 SHORT = ("data.train_subset=512", "data.val_subset=128", "trainer.epochs=2")
 
 
-def cli(
-    tmp_path: Path,
-    out: Path,
-    *overrides: str,
-    config: str = "mnist_cnn_ddp.yaml",
-    extra: tuple[str, ...] = (),
-):
-    args = [*train_args(config, out, *SHORT, *overrides), *extra]
+def cli(tmp_path: Path, out: Path, *overrides: str, config: str = "mnist_cnn_ddp.yaml"):
+    args = train_args(config, out, *SHORT, *overrides)
     return subprocess.run(
         args, cwd=tmp_path, env=mpi_env(None), capture_output=True, text=True, timeout=180
     )
@@ -144,56 +138,61 @@ def test_missing_optional_logger_is_bad_input(tmp_path, monkeypatch):
 
 # -- runs never mix -----------------------------------------------------------------------------
 def test_a_second_run_into_a_used_folder_stops_unless_told_to_overwrite(tmp_path):
-    out = tmp_path / "run"
-    first = cli(tmp_path, out)
-    assert first.returncode == 0, first.stderr
+    out, data = tmp_path / "run", tiny_data()
+    first = tiny_trainer(tmp_path, ["trainer.epochs=2"])
+    first.fit(data)
+    first.close()
     before = (out / "metrics.jsonl").read_text()
     checkpoints = {p.name: p.read_bytes() for p in (out / "checkpoints").iterdir()}
-    second = cli(tmp_path, out)
+    second = cli(tmp_path, out)  # daso train into the same folder, no --resume
     assert second.returncode == 2, second.stderr
     errors = [line for line in second.stderr.splitlines() if "ERROR" in line]
     assert len(errors) == 1 and "holds the results of run" in errors[0], second.stderr
     assert "--resume auto" in errors[0] and "trainer.overwrite=true" in errors[0]
     assert (out / "metrics.jsonl").read_text() == before  # nothing of the first run touched
     assert {p.name: p.read_bytes() for p in (out / "checkpoints").iterdir()} == checkpoints
-    third = cli(tmp_path, out, "trainer.overwrite=true", "trainer.epochs=1")
-    assert third.returncode == 0, third.stderr
+    third = tiny_trainer(tmp_path, ["trainer.epochs=1", "trainer.overwrite=true"])
+    third.fit(data)
+    third.close()
     rows = read_jsonl(out / "metrics.jsonl")
     record = json.loads((out / "run.json").read_text())
-    assert [r["epoch"] for r in rows] == [0] and {r["run_id"] for r in rows} == {record["run_id"]}
-    assert record["run_id"] != read_jsonl_text(before)[0]["run_id"]
+    assert [r["epoch"] for r in rows] == [0]
+    assert {r["run_id"] for r in rows} == {record["run_id"]} == {third.run_id}
+    assert third.run_id != first.run_id
     assert [p.name for p in ckpt.list_checkpoints(out / "checkpoints")] == [
         ckpt.checkpoint_name(1, 0)
     ]
 
 
-def read_jsonl_text(text: str) -> list[dict]:
-    return [json.loads(line) for line in text.splitlines()]
-
-
 def test_a_folder_in_use_by_another_run_is_refused(tmp_path):
+    from daso.errors import ConfigError
+
     out = tmp_path / "run"
     out.mkdir()
     with (out / ".daso.lock").open("a+") as handle:
         fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)  # a run in progress holds it
         handle.write("run X, pid 1 on elsewhere\n")
         handle.flush()
-        result = cli(tmp_path, out, "trainer.epochs=1")
-    assert result.returncode == 2
-    assert "is in use by another run (run X, pid 1 on elsewhere)" in result.stderr
+        trainer = tiny_trainer(tmp_path, ["trainer.epochs=1"])
+        with pytest.raises(ConfigError, match=r"is in use by another run \(run X, pid 1 on"):
+            trainer.fit(tiny_data())
+        trainer.close()
     assert not (out / "metrics.jsonl").exists() and not (out / "run.json").exists()
 
 
 def test_resume_keeps_the_run_id_and_records_the_resume(tmp_path):
-    out = tmp_path / "run"
-    first = cli(tmp_path, out, "trainer.epochs=1")
-    assert first.returncode == 0, first.stderr
-    again = cli(tmp_path, out, "trainer.epochs=2", extra=("--resume", "auto"))
-    assert again.returncode == 0, again.stderr
+    out, data = tmp_path / "run", tiny_data()
+    first = tiny_trainer(tmp_path, ["trainer.epochs=1"])
+    first.fit(data)
+    first.close()
+    again = tiny_trainer(tmp_path, ["trainer.epochs=2"])
+    again.resume("auto")
+    again.fit(data)
+    again.close()
     rows = read_jsonl(out / "metrics.jsonl")
     record = json.loads((out / "run.json").read_text())
     assert [r["epoch"] for r in rows] == [0, 1]
-    assert {r["run_id"] for r in rows} == {record["run_id"]}
+    assert {r["run_id"] for r in rows} == {record["run_id"]} == {first.run_id}
     assert len(record["resumes"]) == 1 and record["resumes"][0]["layout"] == [1]
 
 

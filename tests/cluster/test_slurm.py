@@ -34,13 +34,14 @@ CONFIG = ROOT / "configs" / "mnist_cnn_daso.yaml"
 #: A folder and ports of the test's own, so a cluster of launch/slurm_cluster.sh's defaults that
 #: someone runs by hand is left alone.
 CLUSTER_ENV = {"DASO_SLURM_DIR": "/tmp/daso-slurm-test", "DASO_SLURM_PORT": "6937"}
-EPOCHS = 24
-#: Epochs of 32 batches per rank (about 3 s here): long enough that a signal sent up to half a
-#: minute after the first epoch still finds the ranks training.
+EPOCHS = 30
+#: Epochs of 31 batches per rank (3-6 s here, 90 s or more in all): Slurm sends the signal
+#: 30-60 s after the limit shrinks (see the test), so the ranks are still training then even
+#: when the machine is idle (epochs of 16 batches, 1.5 s each, once ended before the signal).
 OVERRIDES = (
     f"trainer.epochs={EPOCHS}",
     "trainer.deterministic=true",
-    "data.train_subset=4096",
+    "data.train_subset=8000",  # all of the embedded training split
     "data.val_subset=256",
     "strategy.warmup_windows=1",
     "strategy.cooldown_windows=1",
