@@ -7,6 +7,7 @@ from __future__ import annotations
 import logging
 import sys
 import time
+from collections.abc import Callable
 from typing import Any
 
 from tqdm import tqdm
@@ -54,8 +55,9 @@ class Progress:
         self.last = self.start if last_line is None else last_line
         self.start_done = initial
 
-    def update(self, loss: float | None = None) -> None:
-        """One more step; ``loss``: the step's loss on this rank, shown in the line."""
+    def update(self, loss: Callable[[], float | None] | None = None) -> None:
+        """One more step; ``loss``: returns the step's loss on this rank for the line, called
+        only when a line is due (reading a loss synchronises with the device)."""
         self.done += 1
         if self.bar is not None:
             self.bar.update()
@@ -66,7 +68,8 @@ class Progress:
         self.last = now
         rate = (self.done - self.start_done) / max(now - self.start, 1e-9)
         left = (self.total - self.done) / rate if rate > 0 else float("inf")
-        loss_text = f", loss {loss:.4f}" if loss is not None else ""
+        value = loss() if loss is not None else None
+        loss_text = f", loss {value:.4f}" if value is not None else ""
         log.info(
             "%s: step %d/%d (%.0f%%), %.2f steps/s%s, %.0f s left in the epoch",
             self.desc,

@@ -561,7 +561,7 @@ class Trainer(Checkpointing):
             if self.lr_scheduler is not None and self.config.optim.scheduler_interval == "step":
                 self.lr_scheduler.step()
             steps_log.step(dist_, lr, batch_size(batch) * acc, self.rank == 0)
-            bar.update(dist_.last_step_loss if bar.enabled and not bar.terminal else None)
+            bar.update(lambda: dist_.last_step_loss)
             steps = self.batch // acc
             self._operation = f"epoch {epoch} step {steps - 1}: stop vote"
             if self.control.stop_vote.exchange(1 if signals.received else 0):

@@ -218,7 +218,7 @@ def test_progress_is_periodic_lines_without_a_terminal(caplog):
     with caplog.at_level(logging.INFO, logger="daso.progress"):
         bar = Progress(10, 0, "epoch 3", enabled=True, interval=0.0, terminal=False)
         for _ in range(10):
-            bar.update(loss=0.5)
+            bar.update(loss=lambda: 0.5)
         bar.close()
     assert len(caplog.messages) == 10
     assert caplog.messages[-1].startswith("epoch 3: step 10/10 (100%)")
