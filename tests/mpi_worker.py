@@ -23,9 +23,10 @@ from daso.topology import ProcessGroups
 from mpi_harness import ROOT, worker_main
 
 
-def tiny_model() -> torch.nn.Module:
+def tiny_model(batch_norm: bool = True) -> torch.nn.Module:
+    norm = torch.nn.BatchNorm1d(16) if batch_norm else torch.nn.Identity()
     return torch.nn.Sequential(
-        torch.nn.Linear(8, 16), torch.nn.BatchNorm1d(16), torch.nn.ReLU(), torch.nn.Linear(16, 4)
+        torch.nn.Linear(8, 16), norm, torch.nn.ReLU(), torch.nn.Linear(16, 4)
     )
 
 
@@ -249,8 +250,9 @@ def tiny_image_model() -> torch.nn.Module:
 
 
 def scenario_equivalence(groups: ProcessGroups, params: dict[str, Any]) -> dict[str, Any]:
-    """Run each strategy for a few plain-SGD steps on fixed per-rank data; record parameters
-    after every step and the cross-node bytes counted."""
+    """Run each strategy for a few steps on fixed per-rank data; record parameters after every
+    step and the cross-node bytes counted. A strategy entry is ``(label, name, options)``
+    (plain SGD, lr 0.1) or ``(label, name, options, "adam")`` (Adam, lr 0.01, no BatchNorm)."""
     from daso.strategies import build_strategy
 
     rank = groups.topology.rank
@@ -260,10 +262,16 @@ def scenario_equivalence(groups: ProcessGroups, params: dict[str, Any]) -> dict[
         for _ in range(params.get("steps", 8))
     ]
     runs = {}
-    for label, name, options in params["strategies"]:
+    for label, name, options, *optimizer_name in params["strategies"]:
         torch.manual_seed(0)
-        model = tiny_model()
-        optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+        adam = optimizer_name == ["adam"]
+        # Adam without BatchNorm: the gradient of a bias before BatchNorm is rounding noise,
+        # which Adam's normalisation turns into steps of size lr
+        model = tiny_model(batch_norm=not adam)
+        if adam:
+            optimizer = torch.optim.Adam(model.parameters(), lr=0.01)
+        else:
+            optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
         strategy = build_strategy(name, groups, epochs=1, options=options)
         wrapped = strategy.wrap(model, optimizer)
         strategy.begin_window(0, len(batches) + 1)  # no epoch end inside the run

@@ -10,6 +10,7 @@ from mpi_harness import share_job
 
 pytestmark = pytest.mark.multiprocess
 
+BLOCKING = {"warmup_windows": 1, "cooldown_windows": 0}
 STRATEGIES = [
     ("ddp", "ddp", {}),
     ("hierarchical", "hierarchical", {}),
@@ -18,6 +19,16 @@ STRATEGIES = [
     ("local_sgd_4", "local_sgd", {"period": 4}),
     ("local_sgd_warm", "local_sgd", {"period": 4, "warmup_steps": 2}),
     ("daso", "daso", {"warmup_windows": 0, "cooldown_windows": 0, "max_global_skips": 8}),
+    # one blocking (warm-up) window with Adam: parameters averaged after each step, or
+    # gradients averaged before it
+    ("ddp_adam", "ddp", {}, "adam"),
+    ("daso_blocking_parameters_adam", "daso", {**BLOCKING, "downcast": "float32"}, "adam"),
+    (
+        "daso_blocking_gradients_adam",
+        "daso",
+        {**BLOCKING, "downcast": "float32", "blocking_sync": "gradients"},
+        "adam",
+    ),
 ]
 STEPS = 8
 
@@ -53,6 +64,19 @@ def test_hierarchical_bfloat16_wire_stays_close(runs):
     for result in runs:
         got = result["runs"]["hierarchical_bf16"]["trace"][-1]
         assert rel_error(got, result["runs"]["ddp"]["trace"][-1]) < 1e-2
+
+
+def test_daso_blocking_gradient_average_equals_ddp_with_adam(runs):
+    """With ``blocking_sync: gradients`` a blocking window takes ddp's Adam steps (the mean
+    gradient over ranks, also with uneven nodes); averaging the parameters after each Adam
+    step, normalised by node-local moments, does not (the paper's blocking sync)."""
+    for result in runs:
+        ddp = result["runs"]["ddp_adam"]["trace"]
+        gradients = result["runs"]["daso_blocking_gradients_adam"]["trace"]
+        parameters = result["runs"]["daso_blocking_parameters_adam"]["trace"]
+        for got, want in zip(gradients, ddp):
+            assert rel_error(got, want) < 1e-6
+        assert rel_error(parameters[-1], ddp[-1]) > 1e-3
 
 
 def test_local_sgd_period_1_equals_ddp_after_every_step(runs):
@@ -103,6 +127,8 @@ def test_cross_node_bytes_match_analytic_counts(runs):
     min_n L_n ranks (float32: 4 bytes, bfloat16: 2). local_sgd: one rank per node hands the
     float32 model state (parameters and BatchNorm statistics) per average. daso (cycling,
     global_skips 4): one rank per node sends the bfloat16 model state on batches 0 and 4.
+    daso blocking (float32): every node hands the gradient (blocking_sync: gradients) or the
+    model state (parameters) once per step, in shards.
 
     These are payloads handed to MPI. On the wire, MPICH's allreduce of a large buffer over N
     ranks (Rabenseifner: reduce-scatter then allgather) sends 2(N-1)/N times the payload per
@@ -122,3 +148,6 @@ def test_cross_node_bytes_match_analytic_counts(runs):
     assert total("local_sgd_4") == (STEPS // 4) * nodes * state * 4
     assert total("local_sgd_warm") == (2 + 2) * nodes * state * 4  # steps 1, 2, 4, 8
     assert total("daso") == 2 * nodes * state * 2
+    adam_numel = runs[0]["runs"]["ddp_adam"]["numel"]  # no BatchNorm: no buffers either
+    assert total("daso_blocking_gradients_adam") == STEPS * nodes * adam_numel * 4
+    assert total("daso_blocking_parameters_adam") == STEPS * nodes * adam_numel * 4

@@ -85,6 +85,12 @@ def test_unknown_section(tmp_path):
             "strategy.downcast",
             "'bfloat16', 'float16' or 'float32'",
         ),
+        (
+            "strategy:\n  blocking_sync: gradients\n  sync_optimizer_state: false\n",
+            "strategy: blocking_sync: gradients",
+            "needs sync_optimizer_state: true",
+        ),
+        ("strategy:\n  blocking_sync: grads\n", "strategy.blocking_sync", "'gradients'"),
         ("trainer:\n  epochs: many\n", "trainer.epochs", "must be an integer, got the text"),
         ("optim:\n  lr: -1\n", "optim.lr", "greater than 0"),
         (

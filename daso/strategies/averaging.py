@@ -87,6 +87,77 @@ def sum_shards_over_nodes(
     return flat
 
 
+class _CrossNodeLink:
+    """A holder of one :class:`~daso.comm.CrossNodeSum` in :attr:`cross` (``None`` on ranks
+    without a cross-node group): its counters, and its shutdown."""
+
+    cross: CrossNodeSum | None
+
+    def counters(self) -> tuple[int, float]:
+        """``(bytes handed to MPI, seconds waited)`` since construction, this rank."""
+        if self.cross is None:
+            return 0, 0.0
+        return self.cross.bytes_sent, self.cross.wait_seconds
+
+    def close(self) -> None:
+        """Stop the communication thread."""
+        if self.cross is not None:
+            self.cross.close()
+
+
+class GradientAverager(_CrossNodeLink):
+    """Synchronous two-level gradient mean over every rank, after ``backward()``.
+
+    DDP has already averaged the gradients inside the node; this sums the node's flat
+    gradient across nodes in shards (:func:`sum_shards_over_nodes`, every local rank on the
+    link at once), weighting node ``n`` by its rank count ``L_n`` and dividing by the world
+    size: the gradient ``ddp`` computes, so the optimizer step that follows is ``ddp``'s for
+    any optimizer (the scheme of Horovod's hierarchical allreduce).
+
+    Args:
+        groups: this rank's process groups.
+        params: the trainable parameters, in the same order on every rank.
+        wire_dtype: dtype of the gradient shards on the MPI wire.
+        timeout: seconds before a cross-node wait fails with ``CommTimeoutError``.
+
+    Memory: one float32 ``[P]`` gradient vector and this rank's shard on the wire.
+    """
+
+    def __init__(
+        self,
+        groups: ProcessGroups,
+        params: Sequence[torch.Tensor],
+        wire_dtype: torch.dtype,
+        timeout: float,
+    ) -> None:
+        self.groups = groups
+        self.params = list(params)
+        self.grads = FlatBuffer(self.params, device=groups.device)
+        self.cross = shard_sum_link(groups, self.grads.numel, wire_dtype, timeout)
+
+    def _gradients(self) -> list[torch.Tensor]:
+        for p in self.params:
+            if p.grad is None:  # a parameter unused this step contributes zeros
+                p.grad = torch.zeros_like(p)
+        return [p.grad for p in self.params]
+
+    def average(self, tag: Any = None) -> None:
+        """Replace every ``p.grad`` by the mean over all ranks (no-op on one node)."""
+        topo = self.groups.topology
+        if topo.num_nodes == 1:
+            return  # DDP over the node already averaged over every rank
+        grads = self._gradients()
+        sum_shards_over_nodes(
+            self.grads.pack(grads),
+            self.groups,
+            self.cross,
+            scale=topo.local_world_size,
+            divisor=topo.world_size,
+            tag=tag,
+        )
+        self.grads.unpack(tensors=grads)
+
+
 #: Weight of the local parameters per batch of staleness in DASO's merge (paper, eq. 1: 2W).
 STALENESS_WEIGHT = 2
 
@@ -113,7 +184,7 @@ def merge_stale(
     return local.mul_(weight).add_(mean, alpha=num_nodes).div_(weight + num_nodes)
 
 
-class CrossNodeAverager:
+class CrossNodeAverager(_CrossNodeLink):
     """Averages a model's state across nodes over the delta wire, and keeps every node
     consistent.
 
@@ -349,14 +420,3 @@ class CrossNodeAverager:
         self.anchor.copy_(state["anchor"])
         if self.outer is not None:
             self.outer.load_state_dict(state["outer"])
-
-    def counters(self) -> tuple[int, float]:
-        """``(bytes handed to MPI, seconds waited)`` since construction, this rank."""
-        if self.cross is None:
-            return 0, 0.0
-        return self.cross.bytes_sent, self.cross.wait_seconds
-
-    def close(self) -> None:
-        """Stop the communication thread."""
-        if self.cross is not None:
-            self.cross.close()

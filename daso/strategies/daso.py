@@ -33,12 +33,12 @@ import contextlib
 from typing import Any, Literal
 
 import torch
-from pydantic import AliasChoices, Field
+from pydantic import AliasChoices, Field, model_validator
 
 from daso.comm import WIRE_DTYPES, no_sync, optimizer_state_tensors, synced_state_tensors
 from daso.options import OuterOptimizerOptions, WireDtype
 from daso.schedule import CYCLING, DASOSchedule
-from daso.strategies.averaging import CrossNodeAverager
+from daso.strategies.averaging import CrossNodeAverager, GradientAverager
 from daso.strategies.base import EpochCounters, Strategy
 from daso.strategies.outer import build_outer_optimizer
 from daso.topology import ProcessGroups
@@ -83,9 +83,25 @@ class DASOOptions(OuterOptimizerOptions):
     sync_optimizer_state: bool = Field(
         True, description="Average optimizer state across nodes at each window end."
     )
+    blocking_sync: Literal["parameters", "gradients"] = Field(
+        "parameters",
+        description="What warm-up and cool-down average across nodes every step: parameters "
+        "(the paper: the model after the step) or gradients (before the step: ddp's steps "
+        "for any optimizer, e.g. AdamW).",
+    )
     poll_interval_seconds: float = Field(
         0.0, ge=0, description="0: MPI's blocking progress; >0: MPI_Test then sleep this long."
     )
+
+    @model_validator(mode="after")
+    def _gradients_need_one_optimizer_state(self) -> DASOOptions:
+        if self.blocking_sync == "gradients" and not self.sync_optimizer_state:
+            raise ValueError(
+                "blocking_sync: gradients needs sync_optimizer_state: true (the nodes' "
+                "optimizer states must agree for equal gradients to give equal steps); set it, "
+                "or use blocking_sync: parameters"
+            )
+        return self
 
     def schedule_options(self) -> dict[str, Any]:
         """Keyword arguments of :class:`~daso.schedule.DASOSchedule`."""
@@ -129,6 +145,18 @@ class DASOStrategy(Strategy):
         outer_momentum: the outer Nesterov momentum (DiLoCo: 0.9).
         sync_optimizer_state: also average floating-point optimizer state (momentum, Adam
             moments) across nodes in the blocking sync at the end of each epoch.
+        blocking_sync: what the blocking windows (warm-up, cool-down) average across nodes
+            every step. ``"parameters"`` (default, the paper): the model state after each
+            ``optimizer.step()``; with plain or momentum SGD, whose step is linear in the
+            gradient, that is ``ddp``'s step, but with an adaptive optimizer (Adam, AdamW)
+            it is the mean of steps normalised by node-local gradient statistics, not the
+            step on the global gradient. ``"gradients"``: the gradients, over every rank
+            (weighted by rank, :class:`~daso.strategies.averaging.GradientAverager`, in the
+            ``downcast`` dtype), before the step, so every blocking step is ``ddp``'s for any
+            optimizer; the window-end average still syncs buffers (BatchNorm statistics, which
+            then differ across nodes inside a blocking window) and the optimizer state. Needs
+            ``sync_optimizer_state`` (the optimizer states must agree when a blocking window
+            starts). One more float32 ``[P]`` gradient vector per rank.
         poll_interval_seconds: how the communication thread drives MPI (see
             :class:`~daso.comm.CrossNodeSum`).
 
@@ -151,6 +179,7 @@ class DASOStrategy(Strategy):
         self.pending: tuple[int, int] | None = None  # (batch sent, sender local rank)
         self._received: torch.Tensor | None = None  # a sum waited for by a mid-epoch checkpoint
         self.averager: CrossNodeAverager | None = None
+        self.gradients: GradientAverager | None = None  # blocking_sync: gradients
         self.counters = EpochCounters()
         self.syncs = dict.fromkeys(SYNC_COUNTS, 0)  # this epoch's sends, merges, averages
 
@@ -172,6 +201,9 @@ class DASOStrategy(Strategy):
             param_numel=param_numel,
             outer=build_outer_optimizer(self.options, param_numel, self.groups.device),
         )
+        if self.options.blocking_sync == "gradients" and self.topology.num_nodes > 1:
+            params = [p for p in model.parameters() if p.requires_grad]
+            self.gradients = GradientAverager(self.groups, params, self.wire_dtype, self.timeout)
         return self.model
 
     # -- per batch -----------------------------------------------------------------------------
@@ -183,6 +215,20 @@ class DASOStrategy(Strategy):
         self.averager.node_diverged = True  # the node's ranks step on their own gradients
         return no_sync(self.model)
 
+    def after_backward(self, batch: int) -> None:
+        if self.gradients is None or not self.schedule.params.blocking:
+            return
+        sent, waited = self.gradients.counters()
+        self.gradients.average(tag=f"DASO blocking gradient average at batch {batch}")
+        self.syncs["blocking_averages"] += 1
+        after_sent, after_waited = self.gradients.counters()
+        self.record_event(
+            "average",
+            kind="gradients",
+            bytes=after_sent - sent,
+            wait_seconds=after_waited - waited,
+        )
+
     def after_step(self, batch: int) -> None:
         params = self.schedule.params
         last = batch == self.window_length - 1
@@ -192,7 +238,7 @@ class DASOStrategy(Strategy):
                 self._merge(waited)
         if last:
             self._epoch_average()
-        elif params.blocking and self.topology.num_nodes > 1:
+        elif params.blocking and self.topology.num_nodes > 1 and self.gradients is None:
             self._average([], False, "blocking", "DASO blocking average")
         elif params.is_send_batch(batch):
             self._start_send(batch)
@@ -253,8 +299,16 @@ class DASOStrategy(Strategy):
             "local_skips": params.local_skips,
             "batches_to_wait": params.batches_to_wait,
             **syncs,
-            **self.counters.since_last(*self.averager.counters()),
+            **self.counters.since_last(*self._totals()),
         }
+
+    def _totals(self) -> tuple[int, float]:
+        """Bytes handed to MPI and seconds waited since the start, parameters and gradients."""
+        sent, waited = self.averager.counters()
+        if self.gradients is not None:
+            grad_sent, grad_waited = self.gradients.counters()
+            sent, waited = sent + grad_sent, waited + grad_waited
+        return sent, waited
 
     def end_window(self, epoch: int, loss: float) -> None:
         self.schedule.end_window(loss)
@@ -291,3 +345,5 @@ class DASOStrategy(Strategy):
     def close(self) -> None:
         if self.averager is not None:
             self.averager.close()
+        if self.gradients is not None:
+            self.gradients.close()

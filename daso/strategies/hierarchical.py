@@ -21,15 +21,9 @@ from typing import Any
 import torch
 from pydantic import Field
 
-from daso.comm import (
-    WIRE_DTYPES,
-    CrossNodeSum,
-    FlatBuffer,
-    broadcast_tensors,
-    model_state_tensors,
-)
+from daso.comm import WIRE_DTYPES, broadcast_tensors, model_state_tensors
 from daso.options import StrategyOptions, WireDtype
-from daso.strategies.averaging import shard_sum_link, sum_shards_over_nodes
+from daso.strategies.averaging import GradientAverager
 from daso.strategies.base import EpochCounters, Strategy, synchronous_metrics
 from daso.topology import ProcessGroups
 
@@ -57,40 +51,20 @@ class HierarchicalStrategy(Strategy):
         super().__init__(groups, epochs, **options)
         self.wire_dtype = WIRE_DTYPES[self.options.wire_dtype]
         self.counters = EpochCounters()
-        self.cross: CrossNodeSum | None = None
+        self.gradients: GradientAverager | None = None
 
     def wrap(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> torch.nn.Module:
         self.optimizer = optimizer
         self.model = self.wrap_in_node(model)
-        self.params = [p for p in model.parameters() if p.requires_grad]
-        self.grads = FlatBuffer(self.params, device=self.groups.device)
-        self.cross = shard_sum_link(self.groups, self.grads.numel, self.wire_dtype, self.timeout)
+        params = [p for p in model.parameters() if p.requires_grad]
+        self.gradients = GradientAverager(self.groups, params, self.wire_dtype, self.timeout)
         return self.model
 
-    def _gradients(self) -> list[torch.Tensor]:
-        for p in self.params:
-            if p.grad is None:  # a parameter unused this step contributes zeros
-                p.grad = torch.zeros_like(p)
-        return [p.grad for p in self.params]
-
     def after_backward(self, batch: int) -> None:
-        topo = self.topology
-        if topo.num_nodes == 1:
-            return  # DDP over the node already averaged over every rank
-        grads = self._gradients()
-        flat = self.grads.pack(grads)
-        sum_shards_over_nodes(
-            flat,
-            self.groups,
-            self.cross,
-            scale=topo.local_world_size,
-            divisor=topo.world_size,
-            tag=f"gradient shard, batch {batch}",
-        )
-        self.grads.unpack(tensors=grads)
+        self.gradients.average(tag=f"gradient shard, batch {batch}")
 
     def window_metrics(self) -> dict[str, float]:
-        totals = (self.cross.bytes_sent, self.cross.wait_seconds) if self.cross else (0, 0.0)
+        totals = self.gradients.counters() if self.gradients else (0, 0.0)
         return synchronous_metrics(**self.counters.since_last(*totals))
 
     def end_window(self, epoch: int, loss: float) -> None:
@@ -98,5 +72,5 @@ class HierarchicalStrategy(Strategy):
         broadcast_tensors(model_state_tensors(self.model), src=0)
 
     def close(self) -> None:
-        if self.cross is not None:
-            self.cross.close()
+        if self.gradients is not None:
+            self.gradients.close()
