@@ -23,8 +23,10 @@ training with distributed asynchronous and selective optimization (DASO)", J. Bi
    ends with all ranks identical;
 5. after the epoch, the loss averaged over all ranks goes to :class:`~daso.schedule.DASOSchedule`.
 
-During warm-up and cool-down the schedule is blocking: every batch ends with a blocking
-average (``global_skips = 0``).
+During warm-up and cool-down the schedule is blocking (``global_skips = 0``): every batch
+ends with a blocking average of the model state (``blocking_sync: parameters``, the paper's),
+or its gradients are averaged over every rank before ``optimizer.step()``
+(``blocking_sync: gradients``: ``ddp``'s step for any optimizer, also adaptive ones).
 """
 
 from __future__ import annotations
