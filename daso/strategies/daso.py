@@ -32,6 +32,7 @@ or its gradients are averaged over every rank before ``optimizer.step()``
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Callable
 from typing import Any, Literal
 
 import torch
@@ -220,16 +221,9 @@ class DASOStrategy(Strategy):
     def after_backward(self, batch: int) -> None:
         if self.gradients is None or not self.schedule.params.blocking:
             return
-        sent, waited = self.gradients.counters()
-        self.gradients.average(tag=f"DASO blocking gradient average at batch {batch}")
-        self.syncs["blocking_averages"] += 1
-        after_sent, after_waited = self.gradients.counters()
-        self.record_event(
-            "average",
-            kind="gradients",
-            bytes=after_sent - sent,
-            wait_seconds=after_waited - waited,
-        )
+        gradients = self.gradients
+        tag = f"DASO blocking gradient average at batch {batch}"
+        self._blocking(gradients, "gradients", lambda: gradients.average(tag=tag))
 
     def after_step(self, batch: int) -> None:
         params = self.schedule.params
@@ -280,10 +274,16 @@ class DASOStrategy(Strategy):
         self._average(extra, cycling, "window_end", "DASO end-of-epoch average")
 
     def _average(self, extra: list[torch.Tensor], outer: bool, kind: str, tag: str) -> None:
-        sent, waited = self.averager.counters()
-        self.averager.average(extra, outer=outer, tag=tag)
+        averager = self.averager
+        self._blocking(averager, kind, lambda: averager.average(extra, outer=outer, tag=tag))
+
+    def _blocking(self, link: Any, kind: str, sync: Callable[[], None]) -> None:
+        """Run the blocking ``sync`` on ``link`` (an averager with ``counters()``), count it
+        and record an ``average`` event with its bytes and wait."""
+        sent, waited = link.counters()
+        sync()
         self.syncs["blocking_averages"] += 1
-        after_sent, after_waited = self.averager.counters()
+        after_sent, after_waited = link.counters()
         self.record_event(
             "average", kind=kind, bytes=after_sent - sent, wait_seconds=after_waited - waited
         )
