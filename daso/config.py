@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import os
 import re
+import reprlib
 import types
 import typing
 from collections.abc import Iterator, Sequence
@@ -338,14 +339,93 @@ def _allowed_keys(loc: Sequence[Any]) -> list[str]:
     return sorted(model.model_fields) if hasattr(model, "model_fields") else []
 
 
+#: A bounded ``repr``: a few levels, items and characters of a value, never the whole of it
+#: (a value read from a file may be huge, or a shared structure that expands exponentially).
+_REPR = reprlib.Repr()
+_REPR.maxlevel, _REPR.maxstring, _REPR.maxlong, _REPR.maxother = 3, 60, 40, 60
+for _name in ("maxtuple", "maxlist", "maxarray", "maxdict", "maxset", "maxfrozenset", "maxdeque"):
+    setattr(_REPR, _name, 6)
+
+
 def _short_repr(value: Any, limit: int = 80) -> str:
-    text = repr(value)
+    """At most ``limit`` characters of ``value``'s ``repr``, built from a bounded view of it."""
+    text = _REPR.repr(value)
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
+#: Largest config file read, in bytes (a config is a page of keys; a larger file is a mistake
+#: or an attack that would take minutes to parse).
+MAX_CONFIG_BYTES = 1_000_000
+#: Most values (YAML nodes: scalars, lists, mappings) in one config, counting every node of an
+#: anchored subtree each time an alias (``*name``) refers to it. A config has about a hundred;
+#: anchors for reuse stay far below it; an "alias bomb" (anchors of anchors) goes past it at
+#: once, and so does a list of a million items (PyYAML reads some 20,000 values a second).
+MAX_NODES = 10_000
+#: Deepest nesting of lists and mappings in a config (a config has three levels; PyYAML's
+#: scanner slows down with the square of the depth, and Python's stack ends near 300).
+MAX_DEPTH = 50
+
+
+def _subtree_size(node: yaml.Node, memo: dict[int, int]) -> int:
+    """Nodes in ``node``'s subtree when every alias in it is expanded (memoised by identity, so
+    a shared subtree is counted in time linear in the distinct nodes)."""
+    key = id(node)
+    if key not in memo:
+        memo[key] = 1  # a cycle (an anchor referred to inside itself) counts once
+        if isinstance(node, yaml.SequenceNode):
+            memo[key] = 1 + sum(_subtree_size(child, memo) for child in node.value)
+        elif isinstance(node, yaml.MappingNode):
+            memo[key] = 1 + sum(
+                _subtree_size(k, memo) + _subtree_size(v, memo) for k, v in node.value
+            )
+    return memo[key]
+
+
+class InputLimitError(yaml.YAMLError):
+    """A YAML document holds more than :data:`MAX_NODES` values (aliases expanded), or its
+    lists and mappings nest deeper than :data:`MAX_DEPTH`."""
+
+
 class _Loader(yaml.SafeLoader):
-    """PyYAML's safe loader, reading numbers as YAML 1.2 does: ``1e-3`` and ``1e9`` are floats
-    (YAML 1.1, PyYAML's default, reads exponents without a dot as text)."""
+    """PyYAML's safe loader, reading numbers as YAML 1.2 does (``1e-3`` and ``1e9`` are floats;
+    YAML 1.1, PyYAML's default, reads exponents without a dot as text), and refusing documents
+    of more than :data:`MAX_NODES` values, aliases expanded (counted as each node or alias is
+    met, before anything is built from it), or nested deeper than :data:`MAX_DEPTH`."""
+
+    def compose_document(self) -> Any:
+        self._nodes = self._depth = 0
+        self._sizes: dict[int, int] = {}
+        return super().compose_document()
+
+    def compose_node(self, parent: Any, index: Any) -> Any:
+        self._depth += 1
+        try:
+            if self._depth > MAX_DEPTH:
+                raise InputLimitError(
+                    f"it nests lists or sections more than {MAX_DEPTH} levels deep; a config "
+                    "has sections of keys, a few levels at most"
+                )
+            self._count()
+            return super().compose_node(parent, index)
+        finally:
+            self._depth -= 1
+
+    def _count(self) -> None:
+        anchor = None
+        if self.check_event(yaml.AliasEvent):
+            anchor = self.peek_event().anchor
+        if anchor in self.anchors:
+            self._nodes += _subtree_size(self.anchors[anchor], self._sizes)
+        else:
+            self._nodes += 1
+        if self._nodes <= MAX_NODES:
+            return
+        if anchor is not None:
+            raise InputLimitError(
+                f"its aliases (*{anchor} and the ones before it) expand to more than "
+                f"{MAX_NODES} values; write the values out, or use fewer aliases"
+            )
+        raise InputLimitError(f"it holds more than {MAX_NODES} values; a config is a page of keys")
 
 
 _Loader.add_implicit_resolver(
@@ -356,10 +436,12 @@ _Loader.add_implicit_resolver(
 
 
 def parse_yaml(text: str) -> Any:
-    """``text`` parsed as YAML with :class:`_Loader` (safe: plain data only).
+    """``text`` parsed as YAML with :class:`_Loader` (safe: plain data only; aliases bounded).
 
     Raises:
-        yaml.YAMLError: malformed YAML.
+        yaml.YAMLError: malformed YAML, or :class:`InputLimitError`.
+        ValueError: a scalar that cannot be converted (an integer of thousands of digits).
+        RecursionError: nesting deeper than Python's recursion limit.
     """
     return yaml.load(text, Loader=_Loader)  # noqa: S506 - a SafeLoader subclass
 
@@ -380,10 +462,16 @@ def _wrong_type(kind: str, value: Any) -> str:
     return f"must be {want}, got {_short_repr(value)} ({type(value).__name__})"
 
 
+#: Most problems a config error lists one by one (the rest are counted).
+MAX_PROBLEMS_SHOWN = 10
+
+
 def format_validation_error(error: ValidationError, source: str) -> str:
-    """One line per problem: ``source: key: what is wrong (got value)``."""
+    """One line per problem, ``source: key: what is wrong (got value)``, for the first
+    :data:`MAX_PROBLEMS_SHOWN` problems, then a line counting the rest."""
     lines = []
-    for item in error.errors():
+    problems = error.errors()
+    for item in problems[:MAX_PROBLEMS_SHOWN]:
         key = _dotted(item["loc"]) if item["loc"] else "(top level)"
         if item["type"] == "extra_forbidden":
             allowed = ", ".join(_allowed_keys(item["loc"]))
@@ -413,25 +501,48 @@ def format_validation_error(error: ValidationError, source: str) -> str:
             message = item["msg"].removeprefix("Value error, ")
             got = f" (got {_short_repr(item['input'])})" if item["type"] != "value_error" else ""
             lines.append(f"{source}: {key}: {message}{got}")
+    if len(problems) > MAX_PROBLEMS_SHOWN:
+        lines.append(
+            f"{source}: ... and {len(problems) - MAX_PROBLEMS_SHOWN} more problems (fix the "
+            "ones above first; an unknown key is often a section indented wrongly)"
+        )
     return "\n".join(lines)
 
 
 def _read_yaml(path: Path) -> dict[str, Any]:
-    """The YAML mapping in ``path``; ConfigError if it is missing, unreadable or not a mapping."""
+    """The YAML mapping in ``path``.
+
+    Raises:
+        ConfigError: the file is missing, a folder, larger than :data:`MAX_CONFIG_BYTES`,
+            unreadable, not UTF-8, malformed, has aliases that expand too far, or is not a
+            mapping.
+    """
     if path.is_dir():
         raise ConfigError(f"config file {path} is a directory; pass a YAML file inside it")
     if not path.is_file():
         raise ConfigError(f"config file {path} does not exist; pass an existing YAML file")
     try:
-        text = path.read_text(encoding="utf-8")
+        with path.open("rb") as handle:
+            raw = handle.read(MAX_CONFIG_BYTES + 1)  # never more, whatever the file grows to
+        text = raw.decode("utf-8")
     except (OSError, UnicodeDecodeError) as err:
         raise ConfigError(
             f"cannot read config file {path}: {err}; pass a readable UTF-8 YAML file"
         ) from None
+    if len(raw) > MAX_CONFIG_BYTES:
+        raise ConfigError(
+            f"config file {path} is larger than {MAX_CONFIG_BYTES // 1_000_000} MB, far more "
+            "than any config needs; pass the YAML config itself (a page of keys)"
+        )
     try:
         data = parse_yaml(text)
     except RecursionError:
         raise ConfigError(f"{path}: malformed YAML: nested too deeply to read") from None
+    except InputLimitError as err:
+        raise ConfigError(f"{path}: {err}") from None
+    except ValueError as err:  # a scalar that cannot be converted, e.g. a 5,000-digit integer
+        reason = str(err).splitlines()[0][:100] if str(err) else type(err).__name__
+        raise ConfigError(f"{path}: a value cannot be converted ({reason}); fix it") from None
     except yaml.MarkedYAMLError as err:
         mark = err.problem_mark
         where = f"line {mark.line + 1}, column {mark.column + 1}" if mark else "unknown position"
@@ -441,7 +552,7 @@ def _read_yaml(path: Path) -> dict[str, Any]:
     if data is None:
         raise ConfigError(
             f"config file {path} is empty; write the sections to change (e.g. 'trainer:' and "
-            "'  epochs: 10' below it), or leave out --config to run every default"
+            "'  epochs: 10' below it), or pass one of the configs in configs/"
         )
     if not isinstance(data, dict):
         raise ConfigError(
@@ -467,8 +578,10 @@ def apply_override(data: dict[str, Any], override: str) -> None:
         )
     try:
         value = parse_yaml(raw) if raw.strip() else None
-    except (yaml.YAMLError, RecursionError):
-        raise ConfigError(f"override {override!r}: the value is not valid YAML") from None
+    except (yaml.YAMLError, RecursionError, ValueError):
+        raise ConfigError(
+            f"override {_short_repr(override)}: the value is not valid YAML"
+        ) from None
     *parents, leaf = key.split(".")
     node = data
     for i, part in enumerate(parents):
