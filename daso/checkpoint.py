@@ -26,14 +26,26 @@ import hashlib
 import io
 import logging
 import os
+import pickle
 import random
 import re
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.distributed as dist
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    StrictBytes,
+    StrictInt,
+    StrictStr,
+    ValidationError,
+    model_validator,
+)
 
 from daso.errors import CheckpointError
 from daso.log import ONCE
@@ -66,7 +78,9 @@ def deserialize(data: bytes, device: torch.device | str = "cpu") -> Any:
             suggests loading it unsafely).
     """
     try:
-        return torch.load(io.BytesIO(data), map_location=device, weights_only=True)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # torch's notes on a foreign pickle protocol
+            return torch.load(io.BytesIO(data), map_location=device, weights_only=True)
     except Exception as err:  # noqa: BLE001 - torch raises many types for a bad archive
         raise CheckpointError(_unreadable_reason(err)) from None
 
@@ -77,12 +91,16 @@ _REFUSED = re.compile(r"Unsupported global: GLOBAL (\S+)")
 
 def _unreadable_reason(err: BaseException) -> str:
     """Why an archive cannot be read, in one line, without torch's advice to load it unsafely
-    (``weights_only=False`` runs whatever code the file holds; checkpoints are untrusted)."""
-    refused = _REFUSED.search(str(err))
-    if refused:
+    (``weights_only=False`` runs whatever code the file holds; checkpoints are untrusted).
+
+    The safe unpickler's refusal is recognised by its type (:class:`pickle.UnpicklingError`),
+    not by torch's wording, which changes between releases; none of its text is quoted."""
+    if isinstance(err, pickle.UnpicklingError):
+        refused = _REFUSED.search(str(err))
+        what = f"a Python object ({refused[1]})" if refused else "Python objects or code"
         return (
-            f"it holds a Python object ({refused[1]}) that daso never writes; daso reads only "
-            "tensors and plain data from checkpoints, so it was not written by daso or is damaged"
+            f"it holds {what} that daso never writes; daso reads only tensors and plain data "
+            "from checkpoints, so it was not written by daso or is damaged"
         )
     first = str(err).strip().splitlines()[0] if str(err).strip() else ""
     return f"its contents are not a readable torch archive ({type(err).__name__}: {first[:200]})"
@@ -172,16 +190,21 @@ def newest_names(names: Sequence[str], keep: int) -> list[str]:
 def prune(folder: Path, keep: int, own: Sequence[str]) -> list[str]:
     """Delete this run's checkpoints in ``folder`` beyond the newest ``keep``.
 
-    Only the files named in ``own`` (this run's checkpoints, oldest to newest in any order) are
-    ever deleted: another run's checkpoints and files that merely look like checkpoints are
-    left alone and never push this run's out.
+    Only files named in ``own`` (this run's checkpoints, as the run itself recorded them,
+    oldest to newest in any order) are ever deleted, and of those only names of the checkpoint
+    pattern (``ckpt-e<epoch>-b<batch>.pt``, so no folder, ``..`` or absolute path) directly in
+    ``folder``: another run's checkpoints and any other file are left alone and never push
+    this run's out.
 
     Returns:
         The names kept, newest first.
     """
-    kept = newest_names(own, keep)
-    for name in set(own) - set(kept):
-        (folder / name).unlink(missing_ok=True)
+    names = {n for n in own if isinstance(n, str) and NAME.match(n)}
+    kept = newest_names(sorted(names), keep)
+    for name in names - set(kept):
+        path = folder / name
+        if path.parent == folder and not path.is_dir():
+            path.unlink(missing_ok=True)
     return kept
 
 
@@ -313,6 +336,11 @@ def read_checkpoint(path: str | os.PathLike[str]) -> dict[str, Any]:
             checksum does not match (a damaged file), naming the path.
     """
     path = Path(path)
+    if path.is_dir():
+        raise CheckpointError(
+            f"checkpoint {path} is a folder; pass a checkpoint file in it (ckpt-e*-b*.pt), or "
+            "--resume auto for the newest in checkpoint.dir"
+        )
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path} does not exist; check the --resume path")
     data = path.read_bytes()
@@ -329,8 +357,11 @@ def read_checkpoint(path: str | os.PathLike[str]) -> dict[str, Any]:
     try:
         checkpoint = deserialize(payload)
         _check_structure(checkpoint)
-        for blob in [*checkpoint["states"], *checkpoint["rank_extra"]]:
-            deserialize(blob)
+        signature = [(k, list(v)) for k, v in checkpoint["meta"]["model_signature"]]
+        for blob in checkpoint["states"]:
+            _check_rank_state(deserialize(blob), signature)
+        for blob in checkpoint["rank_extra"]:
+            _check_rank_extra(deserialize(blob))
     except CheckpointError as err:
         raise CheckpointError(
             f"checkpoint {path} cannot be read: {err}; resume from an older one, or "
@@ -342,31 +373,126 @@ def read_checkpoint(path: str | os.PathLike[str]) -> dict[str, Any]:
 #: What every checkpoint's ``meta`` holds (see the module docstring).
 META_KEYS = ("model", "strategy", "world_size", "layout", "epoch", "batch", "model_signature")
 
+_Plain = ConfigDict(extra="allow", arbitrary_types_allowed=True)
+
+
+class CheckpointMeta(BaseModel):
+    """A checkpoint's ``meta``: what wrote it and where it stands (validated on read)."""
+
+    model_config = _Plain
+    model: StrictStr
+    strategy: StrictStr
+    world_size: StrictInt = Field(ge=1)
+    layout: list[StrictInt] = Field(min_length=1)
+    epoch: StrictInt = Field(ge=0)
+    batch: StrictInt = Field(ge=0)
+    model_signature: list[tuple[StrictStr, list[StrictInt]]]
+
+    @model_validator(mode="after")
+    def _layout_holds_the_world(self) -> CheckpointMeta:
+        if any(n < 1 for n in self.layout) or sum(self.layout) != self.world_size:
+            raise ValueError(f"layout {self.layout} does not hold {self.world_size} ranks")
+        return self
+
+
+class CheckpointShared(BaseModel):
+    """A checkpoint's ``shared`` part: what is equal on every rank."""
+
+    model_config = _Plain
+    run_id: StrictStr | None = None
+    history: list[dict[str, Any]] = []
+    lr_scheduler: dict[str, Any] | None = None
+    scaler: dict[str, Any] | None = None
+    config: dict[str, Any] | None = None
+    windows: list[dict[str, Any]] = []
+
+
+class CheckpointPayload(BaseModel):
+    """The whole payload; every rank's index must point at one of the distinct ``states``."""
+
+    model_config = _Plain
+    meta: CheckpointMeta
+    shared: CheckpointShared
+    states: list[StrictBytes] = Field(min_length=1)
+    rank_state: list[StrictInt]
+    rank_extra: list[StrictBytes]
+
+    @model_validator(mode="after")
+    def _one_state_per_rank(self) -> CheckpointPayload:
+        world = self.meta.world_size
+        if len(self.rank_state) != world or len(self.rank_extra) != world:
+            raise ValueError(f"its per-rank states do not match its {world} ranks")
+        if any(not 0 <= i < len(self.states) for i in self.rank_state):
+            raise ValueError(f"its per-rank states do not match its {world} ranks")
+        return self
+
+
+class RankState(BaseModel):
+    """One rank's stored state: the model's tensors, the optimizer's and the strategy's state."""
+
+    model_config = _Plain
+    model: dict[StrictStr, torch.Tensor]
+    optimizer: dict[str, Any]
+    strategy: dict[str, Any]
+
+
+class RankExtra(BaseModel):
+    """One rank's small data: its RNG states and partial-epoch counters."""
+
+    model_config = _Plain
+    rng: dict[str, Any]
+    partial: dict[str, Any] = {}
+
+
+def _validation_text(err: ValidationError) -> str:
+    """The first problem of ``err`` in a few words: where and what (never the value)."""
+    first = err.errors()[0]
+    where = ".".join(str(p) for p in first["loc"]) or "the top level"
+    more = f" (and {err.error_count() - 1} more)" if err.error_count() > 1 else ""
+    return f"{where}: {first['msg'].removeprefix('Value error, ')}{more}"
+
 
 def _check_structure(checkpoint: Any) -> None:
-    """Raise :class:`CheckpointError` unless ``checkpoint`` has the layout
-    :func:`gather_and_save` writes (so a well-formed but foreign archive is refused here, not
-    by a ``KeyError`` half-way through a resume)."""
+    """Raise :class:`CheckpointError` unless ``checkpoint`` has the layout and types
+    :func:`gather_and_save` writes (so a well-formed but foreign or damaged archive is refused
+    here, not by a ``KeyError`` or ``TypeError`` half-way through a resume)."""
     if not isinstance(checkpoint, dict):
         raise CheckpointError(f"its payload is a {type(checkpoint).__name__}, not a dict")
-    missing = [
-        k for k in ("meta", "shared", "states", "rank_state", "rank_extra") if k not in checkpoint
-    ]
-    if missing:
-        raise CheckpointError(f"its payload lacks {missing}")
-    meta, states = checkpoint["meta"], checkpoint["states"]
-    if not isinstance(meta, dict) or any(k not in meta for k in META_KEYS):
-        raise CheckpointError(f"its meta lacks some of {list(META_KEYS)}")
-    index, extras = checkpoint["rank_state"], checkpoint["rank_extra"]
-    world = meta["world_size"]
-    if (
-        not isinstance(states, list)
-        or not all(isinstance(b, bytes) for b in [*states, *extras])
-        or len(index) != world
-        or len(extras) != world
-        or any(not isinstance(i, int) or not 0 <= i < len(states) for i in index)
-    ):
-        raise CheckpointError(f"its per-rank states do not match its {world} ranks")
+    try:
+        CheckpointPayload.model_validate(checkpoint)
+    except ValidationError as err:
+        raise CheckpointError(
+            f"its structure is not a daso checkpoint's: {_validation_text(err)}"
+        ) from None
+
+
+def _check_rank_state(state: Any, signature: list[tuple[str, list[int]]]) -> None:
+    """A rank's state must be a :class:`RankState` whose model tensors match ``signature``."""
+    if not isinstance(state, dict):
+        raise CheckpointError(f"a rank's state is a {type(state).__name__}, not a dict")
+    try:
+        RankState.model_validate(state)
+    except ValidationError as err:
+        raise CheckpointError(
+            f"a rank's state is not a daso state: {_validation_text(err)}"
+        ) from None
+    found = [(k, list(v.shape)) for k, v in state["model"].items()]
+    if found != signature:
+        raise CheckpointError(
+            "a rank's model state has other tensors (names or shapes) than the checkpoint's "
+            "model_signature says"
+        )
+
+
+def _check_rank_extra(extra: Any) -> None:
+    if not isinstance(extra, dict):
+        raise CheckpointError(f"a rank's extra data is a {type(extra).__name__}, not a dict")
+    try:
+        RankExtra.model_validate(extra)
+    except ValidationError as err:
+        raise CheckpointError(
+            f"a rank's extra data is not daso's: {_validation_text(err)}"
+        ) from None
 
 
 def newest_valid(folder: str | os.PathLike[str]) -> tuple[Path, dict[str, Any]] | None:
@@ -433,8 +559,8 @@ def check_compatible(
         raise CheckpointError(
             f"checkpoint {source} was written by model '{meta['model']}' with strategy "
             f"'{meta['strategy']}', but this run uses model '{model}' with strategy "
-            f"'{strategy}'; resume with the same model and strategy, or start fresh without "
-            "--resume"
+            f"'{strategy}'; resume with the same model and strategy, or start a new run in "
+            "a folder of its own: leave out --resume and --set trainer.output_dir=DIR"
         )
     if list(meta["layout"]) == list(layout):
         return True

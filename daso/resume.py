@@ -104,11 +104,8 @@ class Checkpointing:
             "batch": self.batch,
             "model_signature": self._model_signature(),
         }
-        own = [*self.own_checkpoints, path.name]
-        kept = ckpt.newest_names(own, self.config.checkpoint.keep)
         shared = {
             "run_id": self.run_id,
-            "checkpoints": kept,  # this run's files in the folder: the only ones it prunes
             "history": self.history,
             "lr_scheduler": self._scheduler_state_dict(),
             "scaler": dist_state["scaler"],
@@ -131,7 +128,11 @@ class Checkpointing:
             self.groups.world_group,
             own=self.own_checkpoints,
         )
-        self.own_checkpoints = kept
+        # this run's files there, newest first: the only ones it prunes (rank 0 prunes)
+        own = [*self.own_checkpoints, path.name]
+        self.own_checkpoints = ckpt.newest_names(own, self.config.checkpoint.keep)
+        if self.rank == 0:
+            self.run_folder.record_checkpoints(self.own_checkpoints)
         return path
 
     def resume(self, source: str | Path = "auto") -> Path | None:
@@ -170,7 +171,10 @@ class Checkpointing:
                 rank 0's state is loaded everywhere and the RNG is re-seeded (a re-shard).
 
         Raises:
-            CheckpointError: the checkpoint's model has other parameter names or shapes.
+            CheckpointError: the checkpoint's model has other parameter names or shapes, or a
+                part of its state does not fit this run's model, optimizer or strategy (its
+                structure was checked on read; this catches values that only the objects
+                loading them can judge).
         """
         meta = checkpoint["meta"]
         if [tuple(s) for s in meta["model_signature"]] != [
@@ -178,26 +182,43 @@ class Checkpointing:
         ]:
             raise CheckpointError(
                 f"checkpoint {source} holds a model with other parameters (names or shapes) "
-                "than this run's; resume with the same model and model.width, or start fresh"
+                "than this run's; resume with the same model and model.width, or start a new "
+                "run in a folder of its own (--set trainer.output_dir=DIR, without --resume)"
             )
-        state = ckpt.rank_state(checkpoint, self.rank if exact else 0, self.device)
-        unwrap(self.model).load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        shared = checkpoint["shared"]
-        self.epoch, self.batch = int(meta["epoch"]), int(meta["batch"])
-        extra = ckpt.rank_extra(checkpoint, self.rank) if exact else {}
-        self.dist.load_state_dict(
-            {
-                "strategy": state["strategy"],
-                "step": 0,  # fit() sets it from epoch and batch, once it knows the epoch length
-                "partial": extra.get("partial", {}),
-                "scaler": shared["scaler"],
-            }
-        )
-        self._scheduler_state = shared["lr_scheduler"]
-        self.history = list(shared["history"])
-        self.run_id = shared.get("run_id", self.run_id)
-        self.own_checkpoints = list(shared.get("checkpoints", [source.name]))
+        part = "the model"
+        try:
+            state = ckpt.rank_state(checkpoint, self.rank if exact else 0, self.device)
+            unwrap(self.model).load_state_dict(state["model"])
+            part = "the optimizer"
+            self.optimizer.load_state_dict(state["optimizer"])
+            shared = checkpoint["shared"]
+            self.epoch, self.batch = int(meta["epoch"]), int(meta["batch"])
+            extra = ckpt.rank_extra(checkpoint, self.rank) if exact else {}
+            part = "the strategy"
+            self.dist.load_state_dict(
+                {
+                    "strategy": state["strategy"],
+                    "step": 0,  # fit() sets it from epoch and batch, once it knows the length
+                    "partial": extra.get("partial", {}),
+                    "scaler": shared.get("scaler"),
+                }
+            )
+            if exact:  # check that the RNG state loads (fit() restores it at the first batch)
+                part = "the RNG state"
+                current = ckpt.capture_rng_state()
+                ckpt.restore_rng_state(extra["rng"])
+                ckpt.restore_rng_state(current)
+        except (KeyError, TypeError, ValueError, RuntimeError, IndexError, AttributeError) as err:
+            reason = str(err).strip().splitlines()[0][:200] if str(err).strip() else ""
+            raise CheckpointError(
+                f"checkpoint {source}: the state of {part} does not load into this run "
+                f"({type(err).__name__}: {reason}); it is damaged or not daso's, resume from "
+                "another one"
+            ) from None
+        self._scheduler_state = shared.get("lr_scheduler")
+        self.history = list(shared.get("history", []))
+        self.run_id = shared.get("run_id") or self.run_id
+        self.own_checkpoints = []  # rank 0 reads them from the run's own record (run.json)
         self.windows = list(shared.get("windows", []))
         if exact:
             self._resumed_rng = extra["rng"]

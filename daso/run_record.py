@@ -7,9 +7,15 @@ MPI library, and the git commit of the working directory when it is a git checko
 appends an entry to ``resumes``. Metrics rows carry the run id.
 
 One run at a time uses a folder: rank 0 holds an exclusive ``flock`` on ``<folder>/.daso.lock``
-for the run's life (released by the kernel when the process ends, however it ends). A new run
-(not a resume) into a folder that holds another run's metrics rows or checkpoints is refused
-unless ``trainer.overwrite`` is set, which deletes that run's files first.
+for the run's life, and another on ``<checkpoint dir>/.daso.lock`` when the checkpoints live
+elsewhere (released by the kernel when the process ends, however it ends). A run into a folder
+that holds another run's metrics rows or checkpoints is refused unless ``trainer.overwrite`` is
+set, which deletes that run's files first: a new run always, a resume when the folder's
+``run.json`` names another run than the checkpoint's.
+
+``run.json`` also lists the checkpoints the run wrote (``checkpoints``: the folder and the
+names), updated after each save: the only files a resumed run ever prunes. Names read from a
+checkpoint are data and never decide what is deleted.
 """
 
 from __future__ import annotations
@@ -107,12 +113,45 @@ def write_json_atomic(path: Path, data: dict[str, Any]) -> None:
     os.replace(tmp, path)
 
 
+#: Largest ``run.json`` read, in bytes (the record of a run with many resumes is a few hundred
+#: kilobytes; a larger file is not daso's).
+MAX_RECORD_BYTES = 16_000_000
+
+
 def read_record(folder: Path) -> dict[str, Any] | None:
-    """The ``run.json`` in ``folder``, or ``None`` if there is none or it is unreadable."""
+    """The ``run.json`` in ``folder``, or ``None`` if there is none, it is unreadable, larger
+    than :data:`MAX_RECORD_BYTES` or not a JSON object."""
     try:
-        return json.loads((folder / RECORD).read_text())
-    except (OSError, ValueError):
+        with (folder / RECORD).open("rb") as handle:
+            raw = handle.read(MAX_RECORD_BYTES + 1)
+        record = json.loads(raw) if len(raw) <= MAX_RECORD_BYTES else None
+    except (OSError, ValueError, RecursionError):
         return None
+    return record if isinstance(record, dict) else None
+
+
+def _lock_folder(folder: Path, run_id: str) -> Any:
+    """An exclusive ``flock`` on ``folder/.daso.lock``, held through the returned handle.
+
+    Raises:
+        ConfigError: another process holds it, naming that process.
+    """
+    handle = (folder / LOCK).open("a+")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        handle.seek(0)
+        holder = handle.read(200).strip() or "another process"
+        handle.close()
+        raise ConfigError(
+            f"{folder} is in use by another run ({holder}); wait for it to end, or give this "
+            "run its own folder with --set trainer.output_dir=DIR (and checkpoint.dir=DIR)"
+        ) from None
+    handle.seek(0)
+    handle.truncate()
+    handle.write(f"run {run_id}, pid {os.getpid()} on {socket.gethostname()}\n")
+    handle.flush()
+    return handle
 
 
 class RunFolder:
@@ -126,26 +165,42 @@ class RunFolder:
 
     def __init__(self, folder: Path, checkpoint_dir: Path, run_id: str) -> None:
         self.folder, self.checkpoint_dir, self.run_id = folder, checkpoint_dir, run_id
-        self._lock: Any = None
+        self._locks: list[Any] = []
 
     def claim(self, resumed: bool, overwrite: bool) -> None:
-        """Lock the folder and, for a new run, make sure it holds no other run's results.
+        """Lock the output folder and the checkpoint folder, and make sure they hold no other
+        run's results: for a new run none at all; for a resume none of a run other than the
+        one resumed (``run.json`` must name this run's id, the checkpoint's).
 
         Raises:
-            ConfigError: another process holds the folder's lock (a run in progress), or a
-                new run finds another run's metrics or checkpoints and ``overwrite`` is off.
+            ConfigError: another process holds either folder's lock (a run in progress), or
+                the folders hold another run's metrics or checkpoints and ``overwrite`` is off.
         """
         self.folder.mkdir(parents=True, exist_ok=True)
-        self._lock_folder()
-        if resumed:
+        self._locks.append(_lock_folder(self.folder, self.run_id))
+        if self.checkpoint_dir.resolve() != self.folder.resolve():
+            self.checkpoint_dir.mkdir(parents=True, exist_ok=True)
+            try:
+                self._locks.append(_lock_folder(self.checkpoint_dir, self.run_id))
+            except ConfigError as err:
+                self.release()
+                raise ConfigError(f"checkpoint.dir {err}") from None
+        old = read_record(self.folder) or {}
+        if resumed and old.get("run_id") == self.run_id:
             return
         found = self.other_runs_files()
         if not found:
             return
-        old = read_record(self.folder) or {}
-        what = f"run {old['run_id']} of {old.get('started', '?')}" if old else "another run"
+        what = f"run {old.get('run_id')} of {old.get('started', '?')}" if old else "another run"
         if not overwrite:
             self.release()
+            if resumed:
+                raise ConfigError(
+                    f"{self.folder} holds the results of {what} ({', '.join(found)}), not of "
+                    f"run {self.run_id} that this checkpoint continues; resume it into its own "
+                    "folder with --set trainer.output_dir=DIR, continue the folder's run with "
+                    "--resume auto, or replace its results with --set trainer.overwrite=true"
+                )
             raise ConfigError(
                 f"{self.folder} holds the results of {what} ({', '.join(found)}); continue it "
                 "with --resume auto, write this run elsewhere with --set "
@@ -187,31 +242,39 @@ class RunFolder:
                 if NAME.match(path.name):
                     path.unlink(missing_ok=True)
 
-    def _lock_folder(self) -> None:
-        path = self.folder / LOCK
-        handle = path.open("a+")
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            handle.seek(0)
-            holder = handle.read().strip() or "another process"
-            handle.close()
-            raise ConfigError(
-                f"{self.folder} is in use by another run ({holder}); wait for it to end, or "
-                "give this run its own folder with --set trainer.output_dir=DIR"
-            ) from None
-        handle.seek(0)
-        handle.truncate()
-        handle.write(f"run {self.run_id}, pid {os.getpid()} on {socket.gethostname()}\n")
-        handle.flush()
-        self._lock = handle
-
     def release(self) -> None:
-        """Drop the folder's lock (the end of the run)."""
-        if self._lock is not None:
-            fcntl.flock(self._lock, fcntl.LOCK_UN)
-            self._lock.close()
-            self._lock = None
+        """Drop the folders' locks (the end of the run)."""
+        for handle in self._locks:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+            handle.close()
+        self._locks = []
+
+    def record_checkpoints(self, names: list[str]) -> None:
+        """Note in ``run.json`` that this run's checkpoints in its checkpoint folder are now
+        ``names`` (after a save and its pruning); nothing happens without a ``run.json`` of
+        this run (a save before :meth:`claim`)."""
+        record = read_record(self.folder)
+        if record is None or record.get("run_id") != self.run_id:
+            return
+        record["checkpoints"] = {"folder": str(self.checkpoint_dir.resolve()), "names": names}
+        write_json_atomic(self.folder / RECORD, record)
+
+    def recorded_checkpoints(self) -> list[str]:
+        """The checkpoints this run recorded (:meth:`record_checkpoints`) in its checkpoint
+        folder: names of the checkpoint pattern only, and none when ``run.json`` belongs to
+        another run or names another folder."""
+        from daso.checkpoint import NAME
+
+        record = read_record(self.folder) or {}
+        saved = record.get("checkpoints")
+        if record.get("run_id") != self.run_id or not isinstance(saved, dict):
+            return []
+        if saved.get("folder") != str(self.checkpoint_dir.resolve()):
+            return []
+        names = saved.get("names")
+        if not isinstance(names, list):
+            return []
+        return [n for n in names if isinstance(n, str) and NAME.match(n)]
 
     def write_record(
         self, config: dict[str, Any], layout: list[int], hosts: list[str], resumed: bool

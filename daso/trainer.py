@@ -319,6 +319,7 @@ class Trainer(Checkpointing):
             if self.rank == 0:
                 self.run_folder.run_id = self.run_id  # a resume took the checkpoint's
                 self.run_folder.claim(self._resumed, self.config.trainer.overwrite)
+                self.own_checkpoints = self.run_folder.recorded_checkpoints()
                 config = self.config.model_dump(mode="json")
                 layout = self.topology.ranks_per_node
                 self.run_folder.write_record(config, layout, hosts, self._resumed)

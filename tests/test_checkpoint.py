@@ -31,7 +31,12 @@ def payload(epoch: int, batch: int = 0, states: int = 1, layout=(2, 2)) -> dict:
             "model_signature": [["w", [3]]],
         },
         "shared": {"history": []},
-        "states": [ckpt.serialize({"w": torch.full((3,), float(i))}) for i in range(states)],
+        "states": [
+            ckpt.serialize(
+                {"model": {"w": torch.full((3,), float(i))}, "optimizer": {}, "strategy": {}}
+            )
+            for i in range(states)
+        ],
         "rank_state": [0] * sum(layout),
         "rank_extra": [ckpt.serialize({"rng": ckpt.capture_rng_state()})] * sum(layout),
     }
@@ -53,7 +58,8 @@ def test_round_trip_and_rank_state(tmp_path):
     path = write(tmp_path, 3, states=2)
     loaded = ckpt.read_checkpoint(path)
     assert loaded["meta"]["epoch"] == 3
-    assert torch.equal(ckpt.rank_state(loaded, 1, torch.device("cpu"))["w"], torch.zeros(3))
+    state = ckpt.rank_state(loaded, 1, torch.device("cpu"))
+    assert torch.equal(state["model"]["w"], torch.zeros(3))
     assert path.read_bytes().startswith(ckpt.MAGIC)
     assert not list(tmp_path.glob(".*tmp*"))  # the temporary file was renamed, not left
 
@@ -140,7 +146,7 @@ def test_valid_checksum_but_foreign_content_is_refused_and_auto_falls_back(tmp_p
     assert "weights_only" not in str(err.value) and "\n" not in str(err.value)
     shapeless = tmp_path / ckpt.checkpoint_name(3, 0)
     ckpt.write_atomic(shapeless, ckpt.serialize({"meta": {}, "states": []}))
-    with pytest.raises(CheckpointError, match="lacks"):
+    with pytest.raises(CheckpointError, match="structure is not a daso checkpoint's: meta"):
         ckpt.read_checkpoint(shapeless)
     with caplog.at_level("WARNING"):
         path, _ = ckpt.resolve_resume("auto", tmp_path)

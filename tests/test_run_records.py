@@ -143,14 +143,16 @@ def test_a_second_run_into_a_used_folder_stops_unless_told_to_overwrite(tmp_path
     first.fit(data)
     first.close()
     before = (out / "metrics.jsonl").read_text()
-    checkpoints = {p.name: p.read_bytes() for p in (out / "checkpoints").iterdir()}
+    checkpoints = {p.name: p.read_bytes() for p in ckpt.list_checkpoints(out / "checkpoints")}
     second = cli(tmp_path, out)  # daso train into the same folder, no --resume
     assert second.returncode == 2, second.stderr
     errors = [line for line in second.stderr.splitlines() if "ERROR" in line]
     assert len(errors) == 1 and "holds the results of run" in errors[0], second.stderr
     assert "--resume auto" in errors[0] and "trainer.overwrite=true" in errors[0]
     assert (out / "metrics.jsonl").read_text() == before  # nothing of the first run touched
-    assert {p.name: p.read_bytes() for p in (out / "checkpoints").iterdir()} == checkpoints
+    assert {p.name: p.read_bytes() for p in ckpt.list_checkpoints(out / "checkpoints")} == (
+        checkpoints
+    )
     third = tiny_trainer(tmp_path, ["trainer.epochs=1", "trainer.overwrite=true"])
     third.fit(data)
     third.close()
