@@ -26,18 +26,73 @@ blocking average, the controller's input) is the API's job, not the caller's.
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
-from collections.abc import Iterator, Mapping
-from typing import Any
+import weakref
+from collections.abc import Callable, Iterator, Mapping
+from typing import Any, TypeVar
 
 import torch
 
 from daso.comm import allreduce_sum, broadcast_tensors, model_state_tensors, no_sync, unwrap
 from daso.comm.control import ControlPlane
 from daso.errors import ConfigError
-from daso.faults import NonFiniteGuard, PreemptionSignals
+from daso.faults import NonFiniteGuard, PreemptionSignals, peer_failure
 from daso.strategies import build_strategy
 from daso.topology import ProcessGroups, init_distributed, shutdown_distributed
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+#: The runs of this process that are not closed yet (a Trainer or a Distributed), oldest first:
+#: :func:`close_open` closes what a script left open before the process exits.
+_OPEN: weakref.WeakValueDictionary[int, Any] = weakref.WeakValueDictionary()
+
+
+def register_open(run: Any) -> None:
+    """Note ``run`` (anything with ``close(clean=...)``) as open, for :func:`close_open`."""
+    _OPEN[id(run)] = run
+
+
+def unregister_open(run: Any) -> None:
+    """``run`` closed itself."""
+    _OPEN.pop(id(run), None)
+
+
+def close_open(clean: bool) -> None:
+    """Close every :class:`~daso.Trainer` and :class:`Distributed` of this process still open,
+    newest first (what :func:`daso.run` does before the process exits, so that no thread or
+    process group outlives the interpreter).
+
+    Args:
+        clean: all ranks got here at the same point (success, or an agreed stop): close with
+            the collectives that wait for the other ranks; ``False`` after a failure (peers
+            may be gone): only what needs no other rank.
+    """
+    for key in sorted(_OPEN.keys(), reverse=True):
+        run = _OPEN.get(key)
+        if run is not None:
+            run.close(clean=clean)
+
+
+def _names_lost_peers(method: F) -> F:
+    """Turn a communication failure inside ``method`` into :class:`~daso.errors.PeerFailureError`
+    naming the ranks whose heartbeats stopped, when this object has a control plane of its own
+    (a :class:`~daso.Trainer` gives it none and does this itself)."""
+
+    @functools.wraps(method)
+    def wrapper(self: Distributed, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return method(self, *args, **kwargs)
+        except (RuntimeError, TimeoutError) as err:
+            failure = None
+            if self.control is not None:
+                failure = peer_failure(err, self.control, self.topology.rank, self.operation)
+            if failure is None:
+                raise
+            raise failure from err
+
+    return wrapper  # type: ignore[return-value]
+
 
 #: Window counters summed over ranks when a window closes.
 _SUMMED = ("loss_sum", "samples", "cross_node_bytes", "comm_wait_seconds", "skipped_steps")
@@ -163,7 +218,10 @@ class Distributed:
             if preemption
             else None
         )
+        self._closed = False
+        register_open(self)
 
+    @_names_lost_peers
     def should_stop(self) -> bool:
         """Collective, after :meth:`step`: whether to checkpoint and stop because some rank got
         SIGTERM or SIGUSR1. Every rank gets the same answer after the same step (the vote is
@@ -295,6 +353,7 @@ class Distributed:
             raise RuntimeError("micro_batch() closed without backward(loss); call it inside")
         self.micro += 1
 
+    @_names_lost_peers
     def backward(self, loss: torch.Tensor, samples: float | None = None) -> None:
         """Backward of ``loss`` (a scalar, mean over the micro-batch), divided by
         ``accumulate_steps``; ``loss`` counts towards the window's mean loss with weight
@@ -315,6 +374,7 @@ class Distributed:
         self._step_samples += weight
         self._backward_done = True
 
+    @_names_lost_peers
     def step(self) -> dict[str, Any] | None:
         """The optimizer step and the strategy's communication; at the end of a window, the
         window's close (its loss averaged over all ranks goes to the strategy).
@@ -368,6 +428,7 @@ class Distributed:
             return self._close_window(window, epoch)
         return None
 
+    @_names_lost_peers
     def end_epoch_early(self) -> dict[str, Any]:
         """Close the open window now and move to the next epoch's first step: how the nodes of
         a strategy on its own clock (``async_easgd``, ``downpour``) stop together, each after
@@ -466,13 +527,24 @@ class Distributed:
         self._window_open = False
         self.micro = 0
 
-    def close(self) -> None:
+    def close(self, clean: bool = True) -> None:
         """Stop the strategy's threads and the control plane, restore the signal handlers;
-        leave ``torch.distributed`` if this object joined it."""
+        leave ``torch.distributed`` if this object joined it. A second call does nothing.
+
+        Args:
+            clean: ``False`` after a failure: skip everything that waits for other ranks (they
+                may be gone); the process should then exit (:func:`daso.run` aborts the job).
+        """
+        if self._closed:
+            return
+        self._closed = True
+        unregister_open(self)
         if self.control is not None:
-            self.control.close()
+            self.control.close(clean)
         if self.signals is not None:
             self.signals.__exit__(None, None, None)
+        if not clean:
+            return
         self.strategy.close()
         if self.owns_groups:
             shutdown_distributed()

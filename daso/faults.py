@@ -16,13 +16,15 @@ from __future__ import annotations
 
 import logging
 import signal
+import sys
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as dist
 
-from daso.errors import NumericalError
+from daso.errors import CommTimeoutError, DasoError, NumericalError, PeerFailureError
 
 log = logging.getLogger(__name__)
 
@@ -219,3 +221,37 @@ def describe_peer_failure(
     else:
         who = "every rank still has a heartbeat; one may be stuck in another operation"
     return f"rank {rank}: {operation} failed: {who}. Cause: {type(error).__name__}: {error}"
+
+
+def _is_mpi_error(err: BaseException) -> bool:
+    """Whether ``err`` is an error MPI returned (``mpi4py.MPI.Exception``: the job's MPI
+    communicators return errors instead of aborting, see :func:`daso.init_distributed`)."""
+    mpi = sys.modules.get("mpi4py.MPI")
+    return mpi is not None and isinstance(err, mpi.Exception)
+
+
+def peer_failure(
+    err: BaseException, control: Any, rank: int, operation: str
+) -> PeerFailureError | None:
+    """What a failed operation means for the job, decided after asking the heartbeats.
+
+    Args:
+        err: the exception the operation raised.
+        control: the run's :class:`~daso.comm.control.ControlPlane` (``None``: no heartbeats).
+        rank: this rank.
+        operation: what the ranks were doing (for the message).
+
+    Returns:
+        A :class:`~daso.errors.PeerFailureError` naming the ranks whose heartbeats stopped
+        (those that stopped on purpose after the same failure left out) for a communication
+        error (``torch.distributed``, MPI, a time-out), or for any other runtime error while
+        some rank is silent (e.g. DDP's reducer reporting a reset connection); ``None`` when
+        ``err`` is none of these (it is re-raised as it is).
+    """
+    if isinstance(err, DasoError) and not isinstance(err, CommTimeoutError):
+        return None
+    comm_error = isinstance(err, (dist.DistError, CommTimeoutError)) or _is_mpi_error(err)
+    silent = control.silent_ranks() if control is not None else None
+    if comm_error or silent:
+        return PeerFailureError(describe_peer_failure(rank, operation, err, silent))
+    return None

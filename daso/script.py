@@ -174,7 +174,7 @@ def exit_code(main: Callable[[], Any]) -> int:
     rank = launcher_rank()
     configure_logging(rank)
     try:
-        result = main()
+        result = _closing(main)
     except Preempted:
         return EXIT_PREEMPTED
     except bad_input_errors() as err:
@@ -197,6 +197,24 @@ def exit_code(main: Callable[[], Any]) -> int:
     from daso.faults import preempted
 
     return EXIT_PREEMPTED if preempted() else EXIT_OK
+
+
+def _closing(main: Callable[[], T]) -> T:
+    """``main()``, then close every run it left open (a ``Trainer`` or ``Distributed``):
+    cleanly after a return or :class:`Preempted` (every rank is at the same point), without
+    waiting for other ranks after any other exception."""
+    from daso.distributed import close_open
+
+    try:
+        result = main()
+    except Preempted:
+        close_open(clean=True)
+        raise
+    except BaseException:
+        close_open(clean=False)
+        raise
+    close_open(clean=True)
+    return result
 
 
 def _save_traceback(rank: int) -> str:

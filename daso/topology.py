@@ -612,6 +612,9 @@ def init_distributed(
         )
     env = os.environ if env is None else env
     comm = MPI.COMM_WORLD
+    # a failed peer is an error this process reports (naming the lost ranks, see
+    # daso.faults), not MPI's default abort of the whole job without a word
+    comm.Set_errhandler(MPI.ERRORS_RETURN)
     topo = detect_topology(comm, env)
     mpi_world = comm if comm.Get_size() == topo.world_size else None
     if topo.num_nodes > 1:

@@ -42,10 +42,9 @@ from daso.comm import allreduce_sum, unwrap
 from daso.comm.control import ControlPlane
 from daso.data.batches import batch_size, move_to, split_pair
 from daso.data.loaders import epoch_batches, train_loader, val_loader
-from daso.distributed import Distributed
+from daso.distributed import Distributed, register_open, unregister_open
 from daso.errors import (
     CheckpointError,
-    CommTimeoutError,
     ConfigError,
     DasoError,
     DataError,
@@ -54,8 +53,8 @@ from daso.errors import (
 )
 from daso.faults import (
     PreemptionSignals,
-    describe_peer_failure,
     note_run_folder,
+    peer_failure,
     record_preemption,
 )
 from daso.log import ONCE, configure_logging
@@ -271,6 +270,8 @@ class Trainer(Checkpointing):
         self._resumed = False
         self._stop_requested = False
         self.control = ControlPlane(self.groups, self.strategy.lockstep, tcfg.timeout_seconds)
+        self._closed = False
+        register_open(self)
         if not self.control.lockstep and config.checkpoint.every_batches:
             log.warning(
                 "checkpoint.every_batches is ignored by %s: its nodes run on their own clocks, "
@@ -468,16 +469,11 @@ class Trainer(Checkpointing):
             )
 
     def _raise_if_peer_failure(self, err: BaseException) -> None:
-        """Turn a communication failure into :class:`PeerFailureError`: always for a
-        ``torch.distributed`` error or an MPI timeout, and for any other runtime error (e.g.
-        DDP's reducer reporting a reset connection) when some rank's heartbeat has stopped."""
-        if isinstance(err, DasoError) and not isinstance(err, CommTimeoutError):
-            return
-        comm_error = isinstance(err, (dist.DistError, CommTimeoutError))
-        silent = self.control.silent_ranks()
-        if comm_error or silent:
-            message = describe_peer_failure(self.rank, self._operation, err, silent)
-            raise PeerFailureError(message) from err
+        """Turn a communication failure into :class:`PeerFailureError` naming the lost ranks
+        (see :func:`daso.faults.peer_failure`)."""
+        failure = peer_failure(err, self.control, self.rank, self._operation)
+        if failure is not None:
+            raise failure from err
 
     def _run_epoch(
         self,
@@ -646,13 +642,15 @@ class Trainer(Checkpointing):
             clean: ``False`` after a failure: skip everything that waits for other ranks (they
                 may be gone); the process should then exit (the CLI aborts the MPI job).
         """
+        if self._closed:
+            return
+        self._closed = True
+        unregister_open(self)
         self.control.close(clean)
         self.metrics_log.close()
         self.run_folder.release()
-        if not clean:
-            return
-        self.strategy.close()
-        if self.owns_groups:
+        self.dist.close(clean)  # the strategy's threads (no groups of its own)
+        if clean and self.owns_groups:
             shutdown_distributed()
 
 

@@ -15,7 +15,7 @@ import time
 import pytest
 import torch.distributed as dist
 
-from daso.comm.control import LOST_KEY, Heartbeat
+from daso.comm.control import LOST_KEY, Heartbeat, sign, verify
 from daso.topology import Topology, _rendezvous_store
 
 from mpi_harness import mpi_env, train_args
@@ -103,16 +103,19 @@ def test_rank_0_declares_a_rank_lost_that_stopped_beating_and_every_rank_names_i
     timeout = datetime.timedelta(seconds=10)
     store, prefix = _rendezvous_store(one_host(3), {}, LoneComm(3), timeout)
     keys = dist.PrefixStore(prefix, store)
+    secret = b"s" * 32
     with caplog.at_level(logging.ERROR, logger="daso"):
-        watcher = Heartbeat(store.host, store.port, 0, 3, 0.05, prefix, lost_after=0.5)
+        watcher = Heartbeat(
+            store.host, store.port, 0, 3, 0.05, prefix, lost_after=0.5, secret=secret
+        )
         keys.add("daso/heartbeat/1", 1)  # rank 1 beat once, then died
-        keys.set("daso/done/2", "1")  # rank 2 finished and said so
+        keys.set("daso/done/2", sign(secret, "daso/done/2", "1"))  # rank 2 finished, said so
         deadline = time.monotonic() + 10
         while not watcher.lost and time.monotonic() < deadline:
             time.sleep(0.05)
         watcher.close()
     assert watcher.lost == [1]
-    assert keys.get(LOST_KEY) == b"[1]"
+    assert verify(secret, LOST_KEY, keys.get(LOST_KEY)) == "[1]"
     assert any("rank 0: rank(s) [1] stopped answering" in m for m in caplog.messages)
 
 

@@ -114,8 +114,13 @@ def test_sigterm_mid_epoch_checkpoints_exits_75_and_resumes_exactly(tmp_path):
     assert [r["train_loss"] for r in rows] == [json.loads(r)["train_loss"] for r in full_rows]
 
 
-@pytest.mark.parametrize("how", [signal.SIGKILL, signal.SIGSTOP], ids=["killed", "frozen"])
-def test_dead_or_stuck_rank_stops_every_rank_within_the_timeout(tmp_path, how):
+@pytest.mark.parametrize(
+    ("how", "victim"), [(signal.SIGKILL, 1), (signal.SIGSTOP, 3)], ids=["killed", "frozen"]
+)
+def test_dead_or_stuck_rank_stops_every_rank_within_the_timeout(tmp_path, how, victim):
+    """Every survivor names exactly the lost rank: a survivor that fails on the same loss and
+    exits says so first, so it is never counted among the lost (rank 1 shares rank 0's node,
+    so the other node fails through rank 1's cross-node group and the stop vote)."""
     timeout = 6
     out = tmp_path / "run"
     args = train_args("mnist_cnn_daso.yaml", out, *DASO_RUN, f"trainer.timeout_seconds={timeout}")
@@ -123,23 +128,30 @@ def test_dead_or_stuck_rank_stops_every_rank_within_the_timeout(tmp_path, how):
     first = out / "checkpoints" / ckpt.checkpoint_name(1, 0)
     wait_for(first.exists, 180, proc)
     time.sleep(0.2)  # into epoch 1
-    victim = rank_pids(str(out))[3]
-    os.kill(victim, how)
+    pid = rank_pids(str(out))[victim]
+    os.kill(pid, how)
     began = time.monotonic()
     try:
         log = finish(proc, timeout + 60)
     finally:
         if how == signal.SIGSTOP:
-            subprocess.run(["kill", "-KILL", str(victim)], check=False)
+            subprocess.run(["kill", "-KILL", str(pid)], check=False)
     elapsed = time.monotonic() - began
     assert proc.returncode != 0, log
     assert elapsed < timeout + 30, f"{elapsed:.1f} s"
-    match = re.search(r"rank (\d): epoch 1[^\n]* failed: rank\(s\) \[3\] stopped answering", log)
+    match = re.search(
+        rf"rank (\d): epoch 1[^\n]* failed: rank\(s\) \[{victim}\] stopped answering", log
+    )
     assert match, log
     # every survivor names the lost rank, whatever it was blocked in (the launcher does not
-    # kill the job here), in one line and without a traceback
-    naming = set(re.findall(r"\[rank (\d)\] ERROR [^\n]*rank\(s\) \[3\] stopped answering", log))
-    assert naming == {"0", "1", "2"}, log
+    # kill the job here), in one line and without a traceback; no line names another rank
+    naming = set(
+        re.findall(rf"\[rank (\d)\] ERROR [^\n]*rank\(s\) \[{victim}\] stopped answering", log)
+    )
+    assert naming == {"0", "1", "2", "3"} - {str(victim)}, log
+    assert set(re.findall(r"rank\(s\) (\[[\d, ]+\]) stopped answering", log)) == {f"[{victim}]"}, (
+        log
+    )
     assert "Traceback" not in log
     ckpt.read_checkpoint(ckpt.list_checkpoints(out / "checkpoints")[0])  # intact, verifies
 

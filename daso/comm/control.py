@@ -8,13 +8,25 @@ across nodes. Heartbeats are counters in the rendezvous store that a daemon thre
 rank bumps once a second; after a failure, the ranks whose counters stand still are the ones
 that stopped answering. Strategies whose nodes run on their own clocks use :class:`NodeStopVote`
 instead of the per-batch allreduce, so that no node ever waits for another during an epoch.
+
+The rendezvous store has no authentication and any process on a host that reaches its port can
+read and write it. So every value daso's control plane writes there (``daso/stop``,
+``daso/lost``, ``daso/done/<rank>``) carries an HMAC-SHA256 over its key and payload with a
+per-run secret: 32 random bytes that rank 0 draws and hands to the other ranks over MPI (or,
+under torchrun on one node, over a Gloo broadcast), never through the store. A value that fails
+the check is ignored and logged once: a process outside the job cannot stop the run, declare
+ranks lost or hide a lost one. What it can still do is disturb the rendezvous (torch's own keys
+and the heartbeat counters are plain): a denial of service, never control.
 """
 
 from __future__ import annotations
 
 import datetime
+import hashlib
+import hmac
 import json
 import logging
+import secrets
 import threading
 import time
 from typing import Any
@@ -30,6 +42,54 @@ STOP_KEY = "daso/stop"
 LOST_KEY = "daso/lost"
 #: ``<DONE_KEY>/<rank>``: that rank closed its heartbeat on purpose.
 DONE_KEY = "daso/done"
+
+
+#: Bytes of the per-run secret that signs control values.
+SECRET_BYTES = 32
+
+
+def share_secret(groups: Any) -> bytes:
+    """Collective: a secret drawn by rank 0, the same on every rank of the job, sent over MPI
+    (``groups.mpi_world``) or, without an MPI world (torchrun, one node), a Gloo broadcast
+    inside the node; never through the rendezvous store, which anyone on the host can read.
+
+    Args:
+        groups: the run's :class:`~daso.topology.ProcessGroups`.
+
+    Returns:
+        :data:`SECRET_BYTES` random bytes.
+    """
+    topo = groups.topology
+    drawn = secrets.token_bytes(SECRET_BYTES) if topo.rank == 0 else bytes(SECRET_BYTES)
+    if topo.world_size == 1:
+        return drawn
+    if groups.mpi_world is not None:
+        return groups.mpi_world.bcast(drawn, root=0)
+    tensor = torch.frombuffer(bytearray(drawn), dtype=torch.uint8).clone()
+    group = dist.new_group(topo.ranks_on_node(0), backend="gloo")
+    dist.broadcast(tensor, src=0, group=group)
+    dist.destroy_process_group(group)
+    return bytes(tensor.tolist())
+
+
+def sign(secret: bytes, key: str, payload: str) -> str:
+    """``payload`` as stored under ``key``: ``<HMAC-SHA256 hex of key and payload>:<payload>``."""
+    tag = hmac.new(secret, f"{key}\0{payload}".encode(), hashlib.sha256).hexdigest()
+    return f"{tag}:{payload}"
+
+
+def verify(secret: bytes, key: str, value: bytes | str) -> str | None:
+    """The payload of a value :func:`sign` wrote under ``key`` with ``secret``; ``None`` for
+    any other value (unsigned, signed for another key or with another secret, not text)."""
+    try:
+        text = value.decode() if isinstance(value, bytes) else value
+    except UnicodeDecodeError:
+        return None
+    tag, sep, payload = text.partition(":")
+    if not sep:
+        return None
+    expected = sign(secret, key, payload).partition(":")[0]
+    return payload if hmac.compare_digest(tag, expected) else None
 
 
 def _max(values: list[int], group: Any) -> list[int]:
@@ -183,6 +243,8 @@ class Heartbeat:
         rank, world_size: this rank and the number of ranks.
         interval: seconds between beats.
         prefix: the job's key namespace in the store (the keys above lie below it).
+        secret: the run's secret (:func:`share_secret`): control values are signed with it
+            and values that fail the check are ignored.
         lost_after: seconds without a beat after which rank 0's thread, which watches every
             counter, declares a rank lost: it posts the list under ``daso/lost`` and every
             rank's thread logs it, whatever the main thread is blocked in (a launcher that
@@ -202,9 +264,12 @@ class Heartbeat:
         interval: float = 1.0,
         prefix: str = "",
         lost_after: float = 10.0,
+        secret: bytes = b"",
     ) -> None:
         self.address = (host, port)
         self.prefix = prefix
+        self.secret = secret
+        self._forged: set[str] = set()  # keys whose unverifiable values were logged
         self.lost_after = lost_after
         self.lost: list[int] = []
         self._seen: dict[int, tuple[int, float]] = {}  # rank 0: counter, when it last moved
@@ -232,13 +297,14 @@ class Heartbeat:
             while not self._stop.is_set():
                 store.add(key, 1)
                 if self._stop_requested.is_set() and not self._stop_seen.is_set():
-                    store.set(STOP_KEY, str(self.rank))
-                if store.check([STOP_KEY]):
+                    store.set(STOP_KEY, sign(self.secret, STOP_KEY, str(self.rank)))
+                if self._read(store, STOP_KEY) is not None:
                     self._stop_seen.set()
                 if self.rank == 0:
                     self._watch(store)
-                if store.check([LOST_KEY]):
-                    self._report(json.loads(store.get(LOST_KEY)))
+                lost = self._read(store, LOST_KEY)
+                if lost is not None:
+                    self._report(json.loads(lost))
                 self._stop.wait(self.interval)
         except Exception as err:  # noqa: BLE001 - the store's host is gone; nothing to beat to
             if not self._stop.is_set() and self.rank != 0:
@@ -248,6 +314,22 @@ class Heartbeat:
                     err,
                 )
             log.debug("heartbeat stopped: %s", err)
+
+    def _read(self, store: Any, key: str) -> str | None:
+        """The verified payload under ``key``, or ``None`` when there is none or it fails the
+        check (logged once per key: a process outside the job wrote it)."""
+        if not store.check([key]):
+            return None
+        payload = verify(self.secret, key, store.get(key))
+        if payload is None and key not in self._forged:
+            self._forged.add(key)
+            log.warning(
+                "rank %d: ignoring a value under %s in the rendezvous store that does not carry "
+                "this run's signature (written by a process outside the job)",
+                self.rank,
+                key,
+            )
+        return payload
 
     def _watch(self, store: Any) -> None:
         """Rank 0: post the ranks whose counters stood still for ``lost_after`` seconds (and
@@ -259,10 +341,14 @@ class Heartbeat:
             last = self._seen.get(r)
             if last is None or count != last[0]:
                 self._seen[r] = (count, now)
-            elif now - last[1] > self.lost_after and not store.check([f"{DONE_KEY}/{r}"]):
+            elif now - last[1] > self.lost_after and not self._done(store, r):
                 lost.append(r)
         if lost and lost != self.lost:
-            store.set(LOST_KEY, json.dumps(lost))
+            store.set(LOST_KEY, sign(self.secret, LOST_KEY, json.dumps(lost)))
+
+    def _done(self, store: Any, rank: int) -> bool:
+        """Whether ``rank`` said it closed its heartbeat on purpose (a verified value)."""
+        return self._read(store, f"{DONE_KEY}/{rank}") is not None
 
     def _report(self, lost: list[int]) -> None:
         if lost != self.lost:
@@ -281,7 +367,7 @@ class Heartbeat:
         its own error)."""
         self.lost = sorted(ranks)
         try:
-            self._client(2.0).set(LOST_KEY, json.dumps(sorted(ranks)))
+            self._client(2.0).set(LOST_KEY, sign(self.secret, LOST_KEY, json.dumps(self.lost)))
         except Exception:  # noqa: BLE001 - the store is gone: rank 0 is among the lost
             pass
 
@@ -297,8 +383,9 @@ class Heartbeat:
         """Ranks whose heartbeat did not advance over ``window`` seconds (default three beats).
 
         Returns:
-            The silent ranks, sorted; ``None`` if the store itself did not answer (its host,
-            rank 0, is gone).
+            The silent ranks, sorted, leaving out those that posted ``daso/done/<rank>`` (they
+            stopped on purpose); ``None`` if the store itself did not answer (its host, rank
+            0, is gone).
         """
         window = 3 * self.interval if window is None else window
         try:
@@ -307,14 +394,18 @@ class Heartbeat:
             before = [store.add(k, 0) for k in keys]
             time.sleep(window)
             after = [store.add(k, 0) for k in keys]
+            still = [r for r, (a, b) in enumerate(zip(before, after)) if b <= a]
+            # a rank that stopped beating after saying so (a survivor that reported the same
+            # failure and is exiting) did not die: only the others are lost
+            return [r for r in still if not self._done(store, r)]
         except Exception:  # noqa: BLE001 - unreachable store
             return None
-        return [r for r, (a, b) in enumerate(zip(before, after)) if b <= a]
 
     def close(self) -> None:
         """Stop beating, saying so first (so rank 0 does not count this rank as lost)."""
+        key = f"{DONE_KEY}/{self.rank}"
         try:
-            self._client(2.0).set(f"{DONE_KEY}/{self.rank}", "1")
+            self._client(2.0).set(key, sign(self.secret, key, "1"))
         except Exception:  # noqa: BLE001 - the store is gone already
             pass
         self._stop.set()
@@ -356,11 +447,12 @@ class ControlPlane:
         node = node if topo.local_world_size > 1 else None
         leaders = leaders if topo.local_rank == 0 and topo.num_nodes > 1 else None
         address = groups.store_address
-        self.heartbeat = (
-            Heartbeat(*address, topo.rank, topo.world_size, prefix=groups.store_prefix)
-            if address
-            else None
-        )
+        self.heartbeat = None
+        if address:
+            secret = share_secret(groups)
+            self.heartbeat = Heartbeat(
+                *address, topo.rank, topo.world_size, prefix=groups.store_prefix, secret=secret
+            )
         if lockstep or self.heartbeat is None:
             self.lockstep = True
             self.stop_vote = StopVote(node, leaders, topo.local_rank == 0, timeout)
