@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -107,3 +108,88 @@ def test_slurm_script_runs_a_user_script_and_requeues_it_on_75(tmp_path):
     lines = calls.read_text().splitlines()
     assert lines[0].endswith("python my_train.py --lr 0.1"), lines
     assert "scontrol requeue 7" in lines
+
+
+# -- daso.run closes what a script left open ----------------------------------------------------
+class _Run:
+    """A stand-in for a Trainer or Distributed that the script did not close."""
+
+    def __init__(self) -> None:
+        from daso.distributed import register_open
+
+        self.closed: list[bool] = []
+        register_open(self)
+
+    def close(self, clean: bool = True) -> None:
+        from daso.distributed import unregister_open
+
+        self.closed.append(clean)
+        unregister_open(self)
+
+
+@pytest.mark.parametrize(
+    ("outcome", "code", "clean"),
+    [("preempted", 75, True), ("returned", 0, True), ("failed", 1, False)],
+)
+def test_daso_run_closes_every_run_a_script_left_open(outcome, code, clean):
+    import daso
+    from daso.script import exit_code
+
+    runs: list[_Run] = []
+
+    def main():
+        runs.extend([_Run(), _Run()])
+        if outcome == "preempted":
+            raise daso.Preempted
+        if outcome == "failed":
+            raise ValueError("a bug in the user's loop")
+
+    assert exit_code(main) == code
+    assert [r.closed for r in runs] == [[clean], [clean]]
+
+
+OWN_LOOP_DEATH = """
+import sys, time
+from pathlib import Path
+
+import torch
+
+import daso
+
+
+def main():
+    torch.manual_seed(0)
+    model = torch.nn.Linear(8, 2)
+    dist = daso.Distributed(model, torch.optim.SGD(model.parameters(), lr=0.01), "ddp",
+                            steps_per_epoch=100000, timeout_seconds=6)
+    x, y = torch.randn(16, 8), torch.randint(0, 2, (16,))
+    while True:
+        with dist.micro_batch():
+            dist.backward(torch.nn.functional.cross_entropy(dist.model(x), y))
+        dist.step()
+        if dist.step_count == 20:
+            Path(sys.argv[1], f"rank{dist.topology.rank}").touch()
+        time.sleep(0.01)
+
+
+if __name__ == "__main__":
+    daso.run(main)
+"""
+
+
+def test_a_dead_rank_under_distributed_is_named_in_one_line_without_a_traceback(tmp_path):
+    """The own-loop API, not only the trainer, turns the Gloo error of a dead peer into one
+    line naming it, after asking the heartbeats."""
+    from test_faults_multiprocess import launch
+
+    script = tmp_path / "loop.py"
+    script.write_text(OWN_LOOP_DEATH)
+    proc = launch([sys.executable, str(script), str(tmp_path)], outlive=True)
+    wait_for(lambda: all((tmp_path / f"rank{r}").exists() for r in range(4)), 120, proc)
+    os.kill(rank_pids(str(script), program=str(script))[3], signal.SIGKILL)
+    log = finish(proc, 90)
+    assert proc.returncode != 0, log
+    assert "Traceback" not in log, log
+    named = re.findall(r"\[rank (\d)\] ERROR [^\n]*rank\(s\) \[3\] stopped answering", log)
+    assert set(named) == {"0", "1", "2"}, log
+    assert set(re.findall(r"rank\(s\) (\[[\d, ]+\]) stopped answering", log)) == {"[3]"}, log
