@@ -47,6 +47,11 @@ class PeerFailureError(DasoError, RuntimeError):
     the operation and the ranks whose heartbeats stopped."""
 
 
+class RecordError(DasoError, RuntimeError):
+    """The run's record (``metrics.jsonl``) could not be written; the run stopped at the
+    epoch's end after a checkpoint."""
+
+
 def reported_elsewhere(err: DasoError) -> DasoError:
     """Mark ``err`` as already reported by another rank (the rank that found the problem
     printed it) and raised on every rank: :func:`daso.run` then exits with its code without

@@ -103,18 +103,31 @@ def _append(path: Path, line: str) -> None:
         handle.write(line + "\n")
 
 
-def read_jsonl(path: Path) -> list[dict[str, Any]]:
-    """The rows of a JSON-lines file (none if it is missing; a line cut by a crash is left
-    out)."""
+def read_rows(path: Path) -> tuple[list[tuple[int, dict[str, Any]]], list[int]]:
+    """The rows of a JSON-lines file with their line numbers (1-based), and the numbers of the
+    lines that are not a JSON object: cut by a crash, not UTF-8, or another JSON value. Blank
+    lines are neither; a missing file has no rows."""
     if not path.is_file():
-        return []
-    rows = []
-    for line in path.read_text().splitlines():
+        return [], []
+    rows, skipped = [], []
+    for number, line in enumerate(path.read_bytes().split(b"\n"), start=1):
+        if not line.strip():
+            continue
         try:
-            rows.append(json.loads(line))
-        except ValueError:
-            continue  # a line cut by a crash
-    return rows
+            row = json.loads(line.decode("utf-8"))
+        except (ValueError, RecursionError):  # UnicodeDecodeError is a ValueError
+            row = None
+        if isinstance(row, dict):
+            rows.append((number, row))
+        else:
+            skipped.append(number)
+    return rows, skipped
+
+
+def read_jsonl(path: Path) -> list[dict[str, Any]]:
+    """The JSON-object rows of a JSON-lines file (see :func:`read_rows`; other lines are left
+    out)."""
+    return [row for _, row in read_rows(path)[0]]
 
 
 class _CsvTable:

@@ -37,16 +37,28 @@ def summary_line(row: dict[str, Any]) -> str:
 class MetricsLog:
     """Rank 0's metric writers; on any other rank it does nothing.
 
+    A logger that fails (a full disk, a read-only folder, a logging service gone) is dropped
+    with one warning naming it and the error; training and the other loggers go on. The
+    ``jsonl`` logger is the run's record: when it fails, :attr:`failure` says why and the
+    trainer stops the run at the epoch's end with a checkpoint.
+
     Args:
         folder: the run's output folder.
         rank: this process's rank.
         names: ``trainer.loggers``.
+
+    Attributes:
+        failure: why the run's record (``metrics.jsonl``) could not be written, or ``None``.
     """
+
+    #: The logger whose failure stops the run (the run's record).
+    RECORD = "jsonl"
 
     def __init__(self, folder: Path, rank: int, names: Sequence[str]) -> None:
         self.folder, self.rank, self.names = folder, rank, list(names)
-        self.loggers: list[MetricLogger] = []
+        self.loggers: dict[str, MetricLogger] = {}
         self.run_id = ""
+        self.failure: str | None = None
 
     def open(
         self,
@@ -59,30 +71,47 @@ class MetricsLog:
         rewrites the files with the checkpoint's ``history``."""
         self.run_id = run_id
         if self.rank == 0 and not self.loggers:
-            self.loggers = build_loggers(
-                self.names, self.folder, run_id, config, history, resume_step
-            )
+            built = build_loggers(self.names, self.folder, run_id, config, history, resume_step)
+            self.loggers = dict(zip(self.names, built, strict=True))
+
+    def _each(self, call: str, row: dict[str, Any] | None = None) -> None:
+        """``logger.<call>(row)`` for every logger, dropping the ones that fail."""
+        for name, logger in list(self.loggers.items()):
+            try:
+                getattr(logger, call)(*(() if row is None else (row,)))
+            except Exception as err:  # noqa: BLE001 - any logger's failure must not end the run
+                del self.loggers[name]
+                reason = f"{type(err).__name__}: {str(err).strip()[:200]}"
+                if name == self.RECORD:
+                    self.failure = (
+                        f"the run's record (metrics.jsonl, steps.jsonl in {self.folder}) could "
+                        f"not be written ({reason}); free space or make the folder writable, "
+                        "then continue with --resume auto"
+                    )
+                    log.error("%s: the run stops at the end of this epoch", self.failure)
+                else:
+                    log.warning(
+                        "logger %r failed (%s): dropped; training and the other loggers go on",
+                        name,
+                        reason,
+                    )
 
     def write(self, row: dict[str, Any]) -> None:
         """Log ``row``'s summary and hand the epoch row to every logger."""
         if self.rank != 0:
             return
         log.info("%s", summary_line(row))
-        for logger in self.loggers:
-            logger.log_epoch(row)
+        self._each("log_epoch", row)
 
     def write_step(self, row: dict[str, Any]) -> None:
         """Hand a step row to every logger."""
-        if self.rank != 0:
-            return
-        for logger in self.loggers:
-            logger.log_step(row)
+        if self.rank == 0:
+            self._each("log_step", row)
 
     def close(self) -> None:
         """Flush and close every logger."""
-        for logger in self.loggers:
-            logger.close()
-        self.loggers = []
+        self._each("close")
+        self.loggers = {}
 
 
 class StepLog:

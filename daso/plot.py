@@ -9,14 +9,17 @@ the default) and ``run.json``; needs matplotlib (``pip install 'daso[plot]'``).
 
 from __future__ import annotations
 
-import json
+import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from daso.errors import ConfigError
-from daso.loggers import read_jsonl
+from daso.loggers import read_rows
+from daso.run_record import read_record
+
+log = logging.getLogger("daso.plot")
 
 #: Schedule knobs plotted where a run reports them.
 KNOBS = ("global_skips", "batches_to_wait", "local_skips", "period")
@@ -38,11 +41,19 @@ class Run:
         return f"{self.folder.name} ({strategy}{where})"
 
 
+def _number(row: dict[str, Any], key: str) -> float | None:
+    """``row[key]`` if it is a number (not a bool), else ``None``."""
+    value = row.get(key)
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+    return float(value) if ok else None
+
+
 def load_run(folder: str | Path) -> Run:
-    """The epoch rows of the run in ``folder`` (its ``metrics.jsonl``).
+    """The epoch rows of the run in ``folder`` (its ``metrics.jsonl``). Lines that are not a
+    JSON object with a numeric ``epoch`` are skipped, counted and named in one warning.
 
     Raises:
-        ConfigError: no such folder, or no metrics rows in it.
+        ConfigError: no such folder, or no epoch rows in it.
     """
     folder = Path(folder)
     path = folder / "metrics.jsonl"
@@ -51,20 +62,25 @@ def load_run(folder: str | Path) -> Run:
             f"{folder} holds no metrics.jsonl; give the output folder of a run (its "
             "trainer.output_dir) that kept the jsonl logger"
         )
-    rows = read_jsonl(path)
+    numbered, skipped = read_rows(path)
+    rows = [row for _, row in numbered if _number(row, "epoch") is not None]
+    skipped = sorted(skipped + [n for n, row in numbered if _number(row, "epoch") is None])
+    if skipped:
+        shown = ", ".join(map(str, skipped[:10])) + (", ..." if len(skipped) > 10 else "")
+        log.warning(
+            "%s: skipped %d line(s) (lines %s) that are not a JSON object with a numeric 'epoch'",
+            path,
+            len(skipped),
+            shown,
+        )
     if not rows:
         raise ConfigError(f"{path} has no epoch rows yet; plot it after its first epoch")
-    record: dict[str, Any] = {}
-    try:
-        record = json.loads((folder / "run.json").read_text())
-    except (OSError, ValueError):
-        pass
-    return Run(folder, rows, record)
+    return Run(folder, rows, read_record(folder) or {})
 
 
 def _score(runs: Sequence[Run]) -> tuple[str, str]:
     """The key and axis label plotted: accuracy where every row of every run has one."""
-    if all(r.get("val_accuracy") is not None for run in runs for r in run.rows):
+    if all(_number(r, "val_accuracy") is not None for run in runs for r in run.rows):
         return "val_accuracy", "validation accuracy"
     return "val_loss", "validation loss"
 
@@ -72,8 +88,12 @@ def _score(runs: Sequence[Run]) -> tuple[str, str]:
 def plot_runs(folders: Sequence[str | Path], out: str | Path, title: str | None = None) -> Path:
     """Render the runs in ``folders`` side by side into the PNG ``out``.
 
+    Args:
+        out: the PNG to write; a name without a suffix gets ``.png``, and an existing folder
+            gets ``runs.png`` inside it.
+
     Returns:
-        The PNG's path.
+        The PNG's path (what was written).
 
     Raises:
         ConfigError: a folder without metrics, or matplotlib missing.
@@ -93,14 +113,15 @@ def plot_runs(folders: Sequence[str | Path], out: str | Path, title: str | None 
     (by_time, by_epoch), (traffic, knobs) = axes
     knob_keys = [k for k in KNOBS if any(k in r for run in runs for r in run.rows)]
     for run in runs:
-        epochs = [r["epoch"] for r in run.rows]
-        score = [r.get(key) for r in run.rows]
-        minutes = [r.get("wall_seconds", 0.0) / 60 for r in run.rows]
+        epochs = [_number(r, "epoch") for r in run.rows]
+        score = [_number(r, key) for r in run.rows]
+        minutes = [(_number(r, "wall_seconds") or 0.0) / 60 for r in run.rows]
         by_time.plot(minutes, score, marker="o", label=run.label)
         by_epoch.plot(epochs, score, marker="o", label=run.label)
-        traffic.plot(epochs, [r.get("cross_node_bytes", 0) / 1e6 for r in run.rows], marker="o")
+        megabytes = [(_number(r, "cross_node_bytes") or 0.0) / 1e6 for r in run.rows]
+        traffic.plot(epochs, megabytes, marker="o")
         for knob in knob_keys or ["lr"]:
-            values = [r.get(knob) for r in run.rows]
+            values = [_number(r, knob) for r in run.rows]
             if any(v is not None for v in values):
                 knobs.plot(epochs, values, marker=".", label=f"{run.folder.name}: {knob}")
     by_time.set(xlabel="wall time (minutes)", ylabel=label, title=f"{label} against wall time")
@@ -118,6 +139,10 @@ def plot_runs(folders: Sequence[str | Path], out: str | Path, title: str | None 
     fig.suptitle(title or " vs ".join(run.folder.name for run in runs))
     fig.tight_layout()
     out = Path(out)
+    if out.is_dir():
+        out = out / "runs.png"
+    elif not out.suffix:
+        out = out.with_suffix(".png")
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, dpi=100)
     plt.close(fig)

@@ -257,7 +257,15 @@ class RunFolder:
         if record is None or record.get("run_id") != self.run_id:
             return
         record["checkpoints"] = {"folder": str(self.checkpoint_dir.resolve()), "names": names}
-        write_json_atomic(self.folder / RECORD, record)
+        try:
+            write_json_atomic(self.folder / RECORD, record)
+        except OSError as err:  # the checkpoint is written; only its pruning on resume is lost
+            log.warning(
+                "could not note checkpoint %s in %s (%s): a resumed run will not prune it",
+                names[0] if names else "",
+                self.folder / RECORD,
+                err,
+            )
 
     def recorded_checkpoints(self) -> list[str]:
         """The checkpoints this run recorded (:meth:`record_checkpoints`) in its checkpoint

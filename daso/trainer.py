@@ -49,7 +49,9 @@ from daso.errors import (
     DasoError,
     DataError,
     PeerFailureError,
+    RecordError,
     raise_agreed,
+    reported_elsewhere,
 )
 from daso.faults import (
     PreemptionSignals,
@@ -83,6 +85,8 @@ SchedulerLike = (
     | Callable[[torch.optim.Optimizer], torch.optim.lr_scheduler.LRScheduler]
     | None
 )
+#: The stop vote's value for "the run's record cannot be written" (1 is a stop signal).
+RECORD_FAILED = 2
 #: Window metrics that add up over an epoch's windows (the rest: the last window's value).
 ADDITIVE_METRICS = (
     "cross_node_bytes",
@@ -507,10 +511,16 @@ class Trainer(Checkpointing):
         self.history.append(row)
         self.metrics_log.write(row)
         self._operation = f"epoch {epoch}: stop vote"
-        # in lockstep the per-step vote is the same everywhere; otherwise only finish() is
-        stop = bool(self.control.stop_vote.finish()) or (
-            self._stop_requested and self.control.lockstep
-        )
+        # in lockstep the per-step vote is the same everywhere; otherwise only finish() is;
+        # rank 0 votes RECORD_FAILED when the run's record (metrics.jsonl) cannot be written
+        vote = self.control.stop_vote.finish(RECORD_FAILED if self.metrics_log.failure else 0)
+        if vote >= RECORD_FAILED:
+            self.save_checkpoint()
+            failure = RecordError(
+                self.metrics_log.failure or "rank 0 could not write the run's record"
+            )
+            raise failure if self.rank == 0 else reported_elsewhere(failure)
+        stop = bool(vote) or (self._stop_requested and self.control.lockstep)
         self._stop_requested = False
         if stop:
             self._raise_if_ranks_lost(signals.received)

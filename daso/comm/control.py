@@ -178,14 +178,15 @@ class StopVote(_Rounds):
             self._leaders = self._start([node_flag], self.leader_group)
         return answer
 
-    def finish(self) -> int:
+    def finish(self, flag: int = 0) -> int:
         """Blocking end of the vote (an epoch's end): read the rounds in flight and agree on
-        one answer over all ranks, counting every flag raised so far."""
+        one answer over all ranks, counting every flag raised so far and this rank's
+        ``flag`` (an int >= 0; the answer is the largest flag of any rank)."""
         world = self._wait(self._leaders, 1)[0] if self.leader else 0
         node_flag, answer = self._wait(self._node, 2)
         self._node = self._leaders = None
         return node_then_leaders_max(
-            max(world, node_flag, answer), self.node_group, self.leader_group
+            max(world, node_flag, answer, flag), self.node_group, self.leader_group
         )
 
 
@@ -225,12 +226,13 @@ class NodeStopVote(_Rounds):
         self._node = self._start([seen], self.node_group)
         return answer
 
-    def finish(self) -> int:
-        """Blocking vote of all ranks (an epoch's end): nonzero to stop, equal everywhere."""
+    def finish(self, flag: int = 0) -> int:
+        """Blocking vote of all ranks (an epoch's end): nonzero to stop, equal everywhere (the
+        largest of 1 for a stop request seen anywhere and every rank's ``flag``)."""
         pending = self._wait(self._node, 1)[0]
         self._node = None
         seen = 1 if pending or self._requested or self.heartbeat.stop_seen() else 0
-        return node_then_leaders_max(seen, self.node_group, self.leader_group)
+        return node_then_leaders_max(max(seen, flag), self.node_group, self.leader_group)
 
 
 class Heartbeat:
