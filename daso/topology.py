@@ -26,7 +26,7 @@ import socket
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from daso.errors import ConfigError, TopologyError
+from daso.errors import ConfigError, TopologyError, reported_elsewhere
 
 log = logging.getLogger(__name__)
 
@@ -465,7 +465,13 @@ def detect_topology(comm: Any | None = None, env: Mapping[str, str] | None = Non
             f"{comm.Get_size()}; the cross-node layer needs MPI: launch with mpiexec/mpirun or "
             "srun --mpi=pmi2 (torchrun alone works only for a single node)"
         )
-    return resolve_topology(info, all_keys, override, hostname)
+    try:
+        return resolve_topology(info, all_keys, override, hostname)
+    except TopologyError as err:
+        if override and info.rank != 0:
+            # the same variable, the same error on every rank: rank 0 prints it once
+            raise reported_elsewhere(err) from None
+        raise
 
 
 @dataclasses.dataclass

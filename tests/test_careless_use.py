@@ -136,3 +136,20 @@ def test_sigusr1_while_a_rank_is_lost_is_a_failure_not_a_preemption():
     Trainer._raise_if_ranks_lost(survivor([]), signal.SIGUSR1)  # all beat: a pre-emption
     with pytest.raises(PeerFailureError, match=r"rank 1: SIGUSR1 came while rank\(s\) \[3\]"):
         Trainer._raise_if_ranks_lost(survivor([3]), signal.SIGUSR1)
+
+
+def test_a_bad_ranks_per_node_override_is_printed_once_not_by_every_rank(tmp_path):
+    args = train_args("mnist_cnn_ddp.yaml", tmp_path / "run", *SHORT)
+    mpiexec = os.path.join(os.path.dirname(sys.executable), "mpiexec")
+    result = subprocess.run(
+        [mpiexec, "-n", "4", *args],
+        cwd=tmp_path,
+        env=mpi_env("3"),  # 3 ranks per node cannot split 4
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 2, result.stderr
+    errors = [line for line in result.stderr.splitlines() if " ERROR " in line]
+    assert len(errors) == 1 and "DASO_RANKS_PER_NODE" in errors[0], result.stderr
+    assert "[rank 0]" in errors[0]

@@ -215,8 +215,9 @@ def test_find_mnist_files_missing_labels_raises(tmp_path):
 
 
 def test_mnist_datasets_missing_root_raises(tmp_path):
-    with pytest.raises(DataError, match="not a folder"):
+    with pytest.raises(DataError, match="not a folder") as err:
         mnist_datasets(tmp_path / "missing")
+    assert "data.root" in str(err.value) and "root=None" not in str(err.value)
 
 
 def test_mnist_datasets_count_mismatch_raises(tmp_path):

@@ -193,3 +193,41 @@ def test_a_dead_rank_under_distributed_is_named_in_one_line_without_a_traceback(
     named = re.findall(r"\[rank (\d)\] ERROR [^\n]*rank\(s\) \[3\] stopped answering", log)
     assert set(named) == {"0", "1", "2"}, log
     assert set(re.findall(r"rank\(s\) (\[[\d, ]+\]) stopped answering", log)) == {"[3]"}, log
+
+
+ABORTING = """
+import sys
+from pathlib import Path
+
+import daso
+from daso.errors import PeerFailureError
+
+
+def main():
+    from mpi4py import MPI
+
+    comm = MPI.COMM_WORLD
+    comm.Barrier()
+    mapped = [line.split()[5] for line in open("/proc/self/maps")
+              if len(line.split()) == 6 and "/dev/shm/mpich_shm_" in line]
+    Path(sys.argv[1], f"mapped{comm.Get_rank()}").write_text("\\n".join(sorted(set(mapped))))
+    comm.Barrier()
+    if comm.Get_rank() == 1:
+        raise PeerFailureError("rank 1: a failure that aborts the job")
+    comm.Barrier()  # rank 0 waits here until the abort
+
+
+if __name__ == "__main__":
+    daso.run(main)
+"""
+
+
+def test_an_aborted_job_leaves_no_mpich_shared_memory_behind(tmp_path):
+    script = tmp_path / "abort.py"
+    script.write_text(ABORTING)
+    result = run_command([sys.executable, str(script), str(tmp_path)], 2, "2", timeout=60)
+    assert result.returncode == 1, result.stderr
+    assert "a failure that aborts the job" in result.stderr
+    mapped = {p for r in (0, 1) for p in (tmp_path / f"mapped{r}").read_text().split()}
+    assert mapped, "MPICH mapped no shared memory here: nothing to check"
+    assert [p for p in mapped if os.path.exists(p)] == []

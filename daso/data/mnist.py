@@ -146,7 +146,7 @@ def _pick(directory: Path, kind: str) -> Path:
         raise DataError(
             f"no MNIST {kind} file (*{kind}-idx?-ubyte or *{kind}-idx?-ubyte.gz) in {directory}; "
             "put t10k-images-idx3-ubyte.gz and t10k-labels-idx1-ubyte.gz (or the train-* "
-            "files) there, or pass root=None for the embedded test split"
+            "files) there, or leave data.root unset for the embedded test split"
         )
     if len(found) > 1:
         train = [p for p in found if p.name.startswith("train-")]
@@ -185,8 +185,8 @@ def find_mnist_files(root: str | Path | None = None) -> tuple[Path, Path]:
     if not directory.is_dir():
         raise DataError(
             f"MNIST root {directory} is not a folder; pass a folder holding "
-            "*images-idx3-ubyte[.gz] and *labels-idx1-ubyte[.gz], or root=None for the "
-            "embedded test split"
+            "*images-idx3-ubyte[.gz] and *labels-idx1-ubyte[.gz] as data.root, or leave "
+            "data.root unset for the embedded test split"
         )
     images = _pick(directory, "images-idx3")
     labels = _pick(directory, "labels-idx1")
