@@ -402,8 +402,8 @@ class _Loader(yaml.SafeLoader):
         try:
             if self._depth > MAX_DEPTH:
                 raise InputLimitError(
-                    f"it nests lists or sections more than {MAX_DEPTH} levels deep; a config "
-                    "has sections of keys, a few levels at most"
+                    f"nested too deeply: lists or sections more than {MAX_DEPTH} levels "
+                    "deep; a config has sections of keys, a few levels at most"
                 )
             self._count()
             return super().compose_node(parent, index)

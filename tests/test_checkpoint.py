@@ -240,6 +240,8 @@ def test_cli_refuses_checkpoint_of_other_strategy(tmp_path):
     other = train(tmp_path, "--resume", "auto", overrides=["strategy.name=no_comm"])
     assert other.returncode == 2
     assert "strategy 'ddp'" in other.stderr and "strategy 'no_comm'" in other.stderr
+    # the advice works: a new run in a folder of its own, not one refused for the old run
+    assert "--set trainer.output_dir=DIR" in other.stderr
 
 
 def test_cli_resume_of_missing_path_is_bad_input(tmp_path):

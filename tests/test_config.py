@@ -127,8 +127,9 @@ def test_a_directory_or_an_empty_file_as_config_is_named_as_such(tmp_path):
     with pytest.raises(ConfigError, match="is a directory; pass a YAML file inside it"):
         load_config(tmp_path)
     for text in ("", "# only a comment\n"):
-        with pytest.raises(ConfigError, match="is empty; write the sections to change"):
+        with pytest.raises(ConfigError, match="is empty; write the sections to change") as err:
             load_config(write(tmp_path, text))
+        assert "leave out --config" not in str(err.value)  # daso train requires --config
 
 
 def test_num_threads_is_bounded_by_the_cores():
