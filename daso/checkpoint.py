@@ -452,30 +452,27 @@ def _validation_text(err: ValidationError) -> str:
     return f"{where}: {first['msg'].removeprefix('Value error, ')}{more}"
 
 
+def _validate(model: type[BaseModel], value: Any, what: str) -> None:
+    """Raise :class:`CheckpointError` unless ``value`` is a dict valid as ``model``, naming
+    ``what`` it is and its first problem."""
+    if not isinstance(value, dict):
+        raise CheckpointError(f"{what} is a {type(value).__name__}, not a dict")
+    try:
+        model.model_validate(value)
+    except ValidationError as err:
+        raise CheckpointError(f"{what} is not daso's: {_validation_text(err)}") from None
+
+
 def _check_structure(checkpoint: Any) -> None:
     """Raise :class:`CheckpointError` unless ``checkpoint`` has the layout and types
     :func:`gather_and_save` writes (so a well-formed but foreign or damaged archive is refused
     here, not by a ``KeyError`` or ``TypeError`` half-way through a resume)."""
-    if not isinstance(checkpoint, dict):
-        raise CheckpointError(f"its payload is a {type(checkpoint).__name__}, not a dict")
-    try:
-        CheckpointPayload.model_validate(checkpoint)
-    except ValidationError as err:
-        raise CheckpointError(
-            f"its structure is not a daso checkpoint's: {_validation_text(err)}"
-        ) from None
+    _validate(CheckpointPayload, checkpoint, "its payload")
 
 
 def _check_rank_state(state: Any, signature: list[tuple[str, list[int]]]) -> None:
     """A rank's state must be a :class:`RankState` whose model tensors match ``signature``."""
-    if not isinstance(state, dict):
-        raise CheckpointError(f"a rank's state is a {type(state).__name__}, not a dict")
-    try:
-        RankState.model_validate(state)
-    except ValidationError as err:
-        raise CheckpointError(
-            f"a rank's state is not a daso state: {_validation_text(err)}"
-        ) from None
+    _validate(RankState, state, "a rank's state")
     found = [(k, list(v.shape)) for k, v in state["model"].items()]
     if found != signature:
         raise CheckpointError(
@@ -485,14 +482,7 @@ def _check_rank_state(state: Any, signature: list[tuple[str, list[int]]]) -> Non
 
 
 def _check_rank_extra(extra: Any) -> None:
-    if not isinstance(extra, dict):
-        raise CheckpointError(f"a rank's extra data is a {type(extra).__name__}, not a dict")
-    try:
-        RankExtra.model_validate(extra)
-    except ValidationError as err:
-        raise CheckpointError(
-            f"a rank's extra data is not daso's: {_validation_text(err)}"
-        ) from None
+    _validate(RankExtra, extra, "a rank's extra data")
 
 
 def newest_valid(folder: str | os.PathLike[str]) -> tuple[Path, dict[str, Any]] | None:

@@ -146,7 +146,7 @@ def test_valid_checksum_but_foreign_content_is_refused_and_auto_falls_back(tmp_p
     assert "weights_only" not in str(err.value) and "\n" not in str(err.value)
     shapeless = tmp_path / ckpt.checkpoint_name(3, 0)
     ckpt.write_atomic(shapeless, ckpt.serialize({"meta": {}, "states": []}))
-    with pytest.raises(CheckpointError, match="structure is not a daso checkpoint's: meta"):
+    with pytest.raises(CheckpointError, match="its payload is not daso's: meta"):
         ckpt.read_checkpoint(shapeless)
     with caplog.at_level("WARNING"):
         path, _ = ckpt.resolve_resume("auto", tmp_path)
