@@ -107,10 +107,18 @@ def versions() -> dict[str, str | None]:
 
 
 def write_json_atomic(path: Path, data: dict[str, Any]) -> None:
-    """Write ``data`` as JSON so that ``path`` holds either the old or the new text."""
+    """Write ``data`` as JSON so that ``path`` holds either the old or the new text.
+
+    Raises:
+        OSError: the folder is not writable or the disk is full (the old text stays).
+    """
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(data, indent=2, default=str) + "\n")
-    os.replace(tmp, path)
+    try:
+        tmp.write_text(json.dumps(data, indent=2, default=str) + "\n")
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)  # a full disk leaves no partial file behind
+        raise
 
 
 #: Largest ``run.json`` read, in bytes (the record of a run with many resumes is a few hundred
