@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import itertools
 import math
 import weakref
 from collections.abc import Callable, Iterator, Mapping
@@ -43,19 +44,23 @@ from daso.topology import ProcessGroups, init_distributed, shutdown_distributed
 
 F = TypeVar("F", bound=Callable[..., Any])
 
-#: The runs of this process that are not closed yet (a Trainer or a Distributed), oldest first:
-#: :func:`close_open` closes what a script left open before the process exits.
+#: The runs of this process that are not closed yet (a Trainer or a Distributed), by the order
+#: they were made in: :func:`close_open` closes what a script left open before the process
+#: exits, newest first, in the same order on every rank (its clean close is collective).
 _OPEN: weakref.WeakValueDictionary[int, Any] = weakref.WeakValueDictionary()
+_MADE = itertools.count()
 
 
 def register_open(run: Any) -> None:
     """Note ``run`` (anything with ``close(clean=...)``) as open, for :func:`close_open`."""
-    _OPEN[id(run)] = run
+    _OPEN[next(_MADE)] = run
 
 
 def unregister_open(run: Any) -> None:
     """``run`` closed itself."""
-    _OPEN.pop(id(run), None)
+    for key, value in list(_OPEN.items()):
+        if value is run:
+            del _OPEN[key]
 
 
 def close_open(clean: bool) -> None:

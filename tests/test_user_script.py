@@ -231,3 +231,23 @@ def test_an_aborted_job_leaves_no_mpich_shared_memory_behind(tmp_path):
     mapped = {p for r in (0, 1) for p in (tmp_path / f"mapped{r}").read_text().split()}
     assert mapped, "MPICH mapped no shared memory here: nothing to check"
     assert [p for p in mapped if os.path.exists(p)] == []
+
+
+def test_daso_run_closes_open_runs_newest_first():
+    """The clean close is collective: every rank must close in the same order (creation)."""
+    from daso.script import exit_code
+
+    order: list[int] = []
+
+    class Numbered(_Run):
+        def __init__(self, number: int) -> None:
+            self.number = number
+            super().__init__()
+
+        def close(self, clean: bool = True) -> None:
+            order.append(self.number)
+            super().close(clean)
+
+    kept: list[_Run] = []
+    assert exit_code(lambda: kept.extend(Numbered(n) for n in range(6))) == 0
+    assert order == [5, 4, 3, 2, 1, 0]
