@@ -34,10 +34,11 @@ CONFIG = ROOT / "configs" / "mnist_cnn_daso.yaml"
 #: A folder and ports of the test's own, so a cluster of launch/slurm_cluster.sh's defaults that
 #: someone runs by hand is left alone.
 CLUSTER_ENV = {"DASO_SLURM_DIR": "/tmp/daso-slurm-test", "DASO_SLURM_PORT": "6937"}
-EPOCHS = 30
-#: Epochs of 31 batches per rank (3-6 s here, 90 s or more in all): Slurm sends the signal
-#: 30-60 s after the limit shrinks (see the test), so the ranks are still training then even
-#: when the machine is idle (epochs of 16 batches, 1.5 s each, once ended before the signal).
+EPOCHS = 40
+#: Epochs of 31 batches per rank (1.5-6 s here, 60 s or more in all): Slurm sends the signal
+#: within 30 s of the limit shrinking to 1 minute (see the test), so the ranks are still
+#: training then even when the machine is idle (30 epochs under a 2-minute limit, signalled
+#: 18-48 s after the change, once ended first).
 OVERRIDES = (
     f"trainer.epochs={EPOCHS}",
     "trainer.deterministic=true",
@@ -126,12 +127,13 @@ def test_time_limit_signal_checkpoints_requeues_and_resumes_exactly(slurm_env, t
     reference = None
     try:
         # Slurm sends --signal=USR1@60 when its periodic check (every 30 s) finds the job within
-        # 60 + 30 s of its limit: with a limit of 2 minutes at submission the signal could come
+        # 60 + 30 s of its limit: with a short limit at submission the signal could come
         # before the ranks have imported torch and installed their handler. So the job starts
-        # with 10 minutes, and once the first epoch is done the limit shrinks to 2: the signal
-        # then comes within about 30 s, while the ranks train.
+        # with 10 minutes, and once the first epoch is done the limit shrinks to 1: the job is
+        # then within 90 s of it at once and the signal comes at the next check, within 30 s,
+        # while the ranks train; they stop within seconds, before the limit.
         wait_until((out / "metrics.jsonl").exists, 240, "the first epoch", log)
-        scontrol_update(job_id, "TimeLimit=2", env)
+        scontrol_update(job_id, "TimeLimit=1", env)
         wait_until(lambda: "received SIGUSR1" in log.read_text(), 120, "SIGUSR1", log)
         # the requeued run keeps the job's limit: give it its 10 minutes back
         scontrol_update(job_id, "TimeLimit=10", env)
