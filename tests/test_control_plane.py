@@ -115,7 +115,7 @@ def test_a_forged_stop_and_lost_from_outside_the_job_are_ignored_and_the_run_fin
     args = train_args(
         "mnist_cnn_async_easgd.yaml",
         out,
-        "trainer.epochs=2",
+        "trainer.epochs=4",  # long enough for several heartbeats after the forgery
         "data.train_subset=2048",
         "data.val_subset=256",
     )
@@ -138,7 +138,7 @@ def test_a_forged_stop_and_lost_from_outside_the_job_are_ignored_and_the_run_fin
             if not outsider:
                 outsider.append(
                     dist.TCPStore(
-                        "127.0.0.1", port, is_master=False, timeout=datetime.timedelta(seconds=5)
+                        "127.0.0.1", port, is_master=False, timeout=datetime.timedelta(seconds=2)
                     )
                 )
             names = outsider[0].list_keys()
@@ -152,8 +152,11 @@ def test_a_forged_stop_and_lost_from_outside_the_job_are_ignored_and_the_run_fin
     prefix = found[0]
     outsider[0].set(f"{prefix}{STOP_KEY}", "3")  # what stopped async_easgd with exit 75
     outsider[0].set(f"{prefix}{LOST_KEY}", "[3]")  # what made every rank name rank 3 lost
+    metrics = out / "metrics.jsonl"
+    done = len(metrics.read_text().splitlines()) if metrics.exists() else 0
+    assert done < 2, f"the run was at epoch {done} of 4 when the values were forged: too late"
     log = finish(proc, 180)
     assert proc.returncode == 0, log
     assert "stopped answering" not in log and "stopped by a signal" not in log
     assert "does not carry this run's signature" in log
-    assert len((out / "metrics.jsonl").read_text().splitlines()) == 2
+    assert len(metrics.read_text().splitlines()) == 4
