@@ -44,6 +44,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_STRATEGIES = [
@@ -133,11 +134,9 @@ def train_emulated(
 
 def run_one(args: argparse.Namespace, strategy: str, rate: str, work: Path) -> list[dict]:
     """Train ``strategy`` over a link of ``rate``; return its per-epoch rows."""
-    world = args.nodes * args.ranks_per_node
-    batches = args.train_images // world // args.batch_size
     sets = [
         f"trainer.epochs={args.epochs}",
-        *strategy_overrides(strategy, args.epochs, batches, args.lr, args.nodes),
+        *strategy_overrides(strategy, args.epochs, args.steps, args.lr, args.nodes),
         *args.set,
     ]
     print(f"== {strategy} at {rate}", flush=True)
@@ -159,6 +158,21 @@ def run_one(args: argparse.Namespace, strategy: str, rate: str, work: Path) -> l
         }
         for row in rows
     ]
+
+
+def steps_per_epoch(config: Any, world_size: int) -> int:
+    """Optimizer steps of an epoch per rank for ``config`` on ``world_size`` ranks, from the
+    training loader itself (``DistributedSampler`` drops the remainder over ranks; the last
+    batch of a rank may be short, e.g. 8,000 images on 4 ranks of 32 give 63 steps, not 62)."""
+    import torch
+
+    from daso.data.loaders import train_loader
+
+    images = config.data.train_subset or 50_000
+    _, steps = train_loader(
+        list(range(images)), 0, world_size, config.data, config.trainer, torch.device("cpu")
+    )
+    return steps
 
 
 def time_to_target(rows: list[dict], target: float) -> float | None:
@@ -276,221 +290,6 @@ def plot(rows: list[dict], args: argparse.Namespace, out: Path) -> None:
         plt.close(fig)
 
 
-#: The accuracy suite's variants: (label, strategy, extra ``--set`` values).
-ACCURACY_VARIANTS = [
-    ("hierarchical", "hierarchical", []),
-    ("local_sgd", "local_sgd", []),
-    ("daso", "daso", []),
-    ("daso_staleness", "daso", ["strategy.merge=staleness"]),
-    ("daso_fp32", "daso", ["strategy.downcast=float32"]),
-    ("daso_nesterov", "daso", ["strategy.outer_optimizer=nesterov"]),
-]
-ACCURACY_COLUMNS = ["variant", "seed", *COLUMNS]
-
-
-def accuracy_overrides(strategy: str, args: argparse.Namespace, batches: int) -> list[str]:
-    """The accuracy suite's schedule keys: DASO's blocking warm-up and cool-down
-    (``--warmup-epochs``, ``--cooldown-epochs``), the same synchronous warm-up for local_sgd."""
-    if strategy == "daso":
-        return [
-            f"strategy.warmup_windows={args.warmup_epochs}",
-            f"strategy.cooldown_windows={args.cooldown_epochs}",
-        ]
-    if strategy == "local_sgd":
-        return ["strategy.period=4", f"strategy.warmup_steps={args.warmup_epochs * batches}"]
-    return []
-
-
-def run_accuracy_suite(args: argparse.Namespace) -> None:
-    """Every variant of :data:`ACCURACY_VARIANTS` for every seed at one link rate; writes
-    ``accuracy.csv``, ``accuracy_summary.md`` and ``accuracy.png`` under ``--out-dir``."""
-    rate = args.rates[0]
-    world = args.nodes * args.ranks_per_node
-    batches = args.train_images // world // args.batch_size
-    rows: list[dict] = []
-    for seed in args.seeds:
-        for label, strategy, extra in ACCURACY_VARIANTS:
-            if label not in args.variants:
-                continue
-            sets = [
-                f"trainer.epochs={args.epochs}",
-                f"trainer.seed={seed}",
-                f"strategy.name={strategy}",
-                *accuracy_overrides(strategy, args, batches),
-                *extra,
-                *args.set,
-            ]
-            out = args.out_dir / "runs" / f"{label}_s{seed}"
-            if args.from_runs:  # summarise the runs already in the folder, train nothing
-                if not (out / "link.json").exists():
-                    print(f"== {label} seed {seed}: no finished run in {out}", flush=True)
-                    continue
-                run_rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
-                link = json.loads((out / "link.json").read_text())
-                rows += suite_rows(run_rows, link, label, seed, strategy, rate)
-                continue
-            print(f"== {label} seed {seed} at {rate}", flush=True)
-            begin = time.perf_counter()
-            run_rows, link = train_emulated(
-                args.nodes, args.ranks_per_node, rate, args.config, out, sets
-            )
-            print(
-                f"   {time.perf_counter() - begin:.0f} s, final val accuracy "
-                f"{run_rows[-1]['val_accuracy']:.4f}",
-                flush=True,
-            )
-            rows += suite_rows(run_rows, link, label, seed, strategy, rate)
-    seeds = sorted({row["seed"] for row in rows})
-    complete = [
-        s
-        for s in seeds
-        if all(
-            (v, s) in {(r["variant"], r["seed"]) for r in rows}
-            for v in dict.fromkeys(r["variant"] for r in rows)
-        )
-    ]
-    if complete != args.seeds:
-        print(f"summarising the seeds every variant finished: {complete}", flush=True)
-        rows = [row for row in rows if row["seed"] in complete]
-        args.seeds = complete
-    with (args.out_dir / "accuracy.csv").open("w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=ACCURACY_COLUMNS, extrasaction="ignore")
-        writer.writeheader()
-        writer.writerows(rows)
-    write_accuracy_summary(rows, args, args.out_dir / "accuracy_summary.md")
-    plot_accuracy(rows, args, args.out_dir / "accuracy.png")
-    print((args.out_dir / "accuracy_summary.md").read_text())
-
-
-def suite_rows(
-    run_rows: list[dict], link: dict, label: str, seed: int, strategy: str, rate: str
-) -> list[dict]:
-    """One run's metrics rows in the suite's CSV layout."""
-    return [
-        {
-            **{k: row.get(k) for k in COLUMNS},
-            "variant": label,
-            "seed": seed,
-            "strategy": strategy,
-            "link_rate": rate,
-            "link_tx_bytes": sum(link["tx_bytes"]),
-        }
-        for row in run_rows
-    ]
-
-
-def accuracy_table(rows: list[dict], seeds: list[int]) -> list[dict]:
-    """Per variant: final accuracy (mean, min, max over seeds), wall time to ``hierarchical``'s
-    mean final accuracy minus 0.5 points, and whole-run time and bytes as ratios to
-    ``hierarchical`` (the mean of the per-seed ratios)."""
-    runs: dict[tuple[str, int], list[dict]] = {}
-    for row in rows:
-        runs.setdefault((row["variant"], row["seed"]), []).append(row)
-    variants = list(dict.fromkeys(row["variant"] for row in rows))
-    ref_final = [runs[("hierarchical", s)][-1]["val_accuracy"] for s in seeds]
-    target = sum(ref_final) / len(ref_final) - 0.005
-    ref_ttt = [time_to_target(runs[("hierarchical", s)], target) for s in seeds]
-    table = []
-    for variant in variants:
-        finals = [runs[(variant, s)][-1]["val_accuracy"] for s in seeds]
-        ttt = [time_to_target(runs[(variant, s)], target) for s in seeds]
-        reached = [t for t in ttt if t is not None]
-        total = [runs[(variant, s)][-1]["wall_seconds"] for s in seeds]
-        ref_total = [runs[("hierarchical", s)][-1]["wall_seconds"] for s in seeds]
-        nbytes = [sum(r["cross_node_bytes"] for r in runs[(variant, s)]) for s in seeds]
-        ref_bytes = [sum(r["cross_node_bytes"] for r in runs[("hierarchical", s)]) for s in seeds]
-        ttt_ratio = [t / r for t, r in zip(ttt, ref_ttt) if t is not None and r is not None]
-        table.append(
-            {
-                "variant": variant,
-                "final_mean": sum(finals) / len(finals),
-                "final_min": min(finals),
-                "final_max": max(finals),
-                "target": target,
-                "seeds_reached": len(reached),
-                "time_to_target": sum(reached) / len(reached) if reached else None,
-                "ttt_vs_hierarchical": sum(ttt_ratio) / len(ttt_ratio) if ttt_ratio else None,
-                "total_seconds": sum(total) / len(total),
-                "total_vs_hierarchical": sum(t / r for t, r in zip(total, ref_total)) / len(seeds),
-                "bytes_vs_hierarchical": sum(b / r for b, r in zip(nbytes, ref_bytes)) / len(seeds),
-                "cross_node_mb": sum(nbytes) / len(nbytes) / 1e6,
-            }
-        )
-    return table
-
-
-def write_accuracy_summary(rows: list[dict], args: argparse.Namespace, path: Path) -> None:
-    table = accuracy_table(rows, args.seeds)
-    lines = [
-        "# Accuracy suite",
-        "",
-        f"Command: `{' '.join(args.argv)}`",
-        "",
-        f"Machine: {platform.machine()}, {args.cores} cores, no GPU; {args.nodes} emulated nodes "
-        f"x {args.ranks_per_node} ranks at {args.rates[0]} per node. Workload: "
-        f"`{args.config.relative_to(ROOT)}` with {args.train_images} training images, "
-        f"{args.val_images} validation images, {args.epochs} epochs, seeds {args.seeds}. "
-        f"DASO: {args.warmup_epochs} blocking warm-up and {args.cooldown_epochs} cool-down "
-        f"epochs; local_sgd: {args.warmup_epochs} synchronous warm-up epoch(s), then period 4.",
-        "",
-        f"Target: `hierarchical`'s mean final accuracy minus 0.5 points = "
-        f"{table[0]['target']:.4f}. Time to target: mean over the seeds that reached it "
-        "(reached/all in brackets); ratios are the mean of per-seed ratios to `hierarchical`.",
-        "",
-        "| variant | final val acc (mean) | range over seeds | time to target (s) "
-        "| vs hierarchical | whole run (s) | vs hierarchical | cross-node MB | vs hierarchical |",
-        "|---|---|---|---|---|---|---|---|---|",
-    ]
-    for t in table:
-        ttt = (
-            f"{t['time_to_target']:.1f} ({t['seeds_reached']}/{len(args.seeds)})"
-            if t["time_to_target"] is not None
-            else "not reached"
-        )
-        ratio = f"{t['ttt_vs_hierarchical']:.2f}" if t["ttt_vs_hierarchical"] else "-"
-        lines.append(
-            f"| {t['variant']} | {t['final_mean']:.4f} | {t['final_min']:.4f}-"
-            f"{t['final_max']:.4f} | {ttt} | {ratio} | {t['total_seconds']:.1f} | "
-            f"{t['total_vs_hierarchical']:.2f} | {t['cross_node_mb']:.1f} | "
-            f"{t['bytes_vs_hierarchical']:.2f} |"
-        )
-    path.write_text("\n".join(lines) + "\n")
-
-
-def plot_accuracy(rows: list[dict], args: argparse.Namespace, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    colors = {}
-    for variant in dict.fromkeys(row["variant"] for row in rows):
-        for seed in args.seeds:
-            run = [r for r in rows if r["variant"] == variant and r["seed"] == seed]
-            line = ax.plot(
-                [r["wall_seconds"] for r in run],
-                [r["val_accuracy"] for r in run],
-                marker="o",
-                markersize=3,
-                color=colors.get(variant),
-                linestyle="-" if seed == args.seeds[0] else ":",
-                label=variant if variant not in colors else None,
-            )
-            colors.setdefault(variant, line[0].get_color())
-    target = accuracy_table(rows, args.seeds)[0]["target"]
-    ax.axhline(target, color="grey", linewidth=0.8, label="target")
-    ax.set(
-        title=f"{args.nodes}x{args.ranks_per_node} ranks, {args.rates[0]}, seeds {args.seeds}",
-        xlabel="wall time (s)",
-        ylabel="validation accuracy",
-    )
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--strategies", nargs="+", default=DEFAULT_STRATEGIES)
@@ -503,31 +302,7 @@ def main() -> None:
     parser.add_argument("--full", action="store_true", help="ResNet-20 on all of CIFAR-10")
     parser.add_argument("--set", action="append", default=[], help="extra config override")
     parser.add_argument("--out-dir", type=Path, default=None, help="default benchmarks/results")
-    parser.add_argument(
-        "--suite",
-        choices=["rates", "accuracy"],
-        default="rates",
-        help="rates: every strategy at every link rate; accuracy: the equal-accuracy suite "
-        "(ResNet-20, 8,000 images, 2,000 validation, 12 epochs, 2 seeds, first --rates)",
-    )
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
-    parser.add_argument(
-        "--variants", nargs="+", default=[v[0] for v in ACCURACY_VARIANTS], help="accuracy suite"
-    )
-    parser.add_argument(
-        "--from-runs",
-        action="store_true",
-        help="accuracy suite: summarise the finished runs under --out-dir/runs, train nothing",
-    )
-    parser.add_argument("--warmup-epochs", type=int, default=1, help="accuracy suite, DASO")
-    parser.add_argument("--cooldown-epochs", type=int, default=2, help="accuracy suite, DASO")
     args = parser.parse_args()
-    if args.suite == "accuracy":
-        if "--rates" not in sys.argv:
-            args.rates = ["50mbit"]
-        args.set = ["data.train_subset=8000", "data.val_subset=2000", *args.set]
-        args.epochs = args.epochs or 12
-        args.out_dir = args.out_dir or ROOT / "benchmarks/results/accuracy"
     args.out_dir = args.out_dir or ROOT / "benchmarks/results"
     args.argv = ["benchmarks/compare.py", *sys.argv[1:]]
     args.config = args.config.resolve()
@@ -551,10 +326,8 @@ def main() -> None:
     args.lr = config.optim.lr
     args.train_images = config.data.train_subset or 50_000
     args.val_images = config.data.val_subset or 10_000
+    args.steps = steps_per_epoch(config, args.nodes * args.ranks_per_node)
     args.out_dir.mkdir(parents=True, exist_ok=True)
-    if args.suite == "accuracy":
-        run_accuracy_suite(args)
-        return
     work = args.out_dir / "runs"
     rows = run_one(args, "no_comm", "unlimited", work)
     bound = {row["epoch"]: row["epoch_seconds"] for row in rows}

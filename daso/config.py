@@ -85,6 +85,12 @@ class OptimConfig(Section):
 
 class TrainerConfig(Section):
     epochs: int = Field(10, ge=1, description="Training epochs.")
+    eval_every_epochs: int = Field(
+        1,
+        ge=0,
+        description="Validate after every this many epochs and after the last (0: only after "
+        "the last; other epochs' rows have no val_ metrics).",
+    )
     seed: int = Field(
         0, ge=0, le=2**32 - 1, description="Seed of model init, sampling and augmentation."
     )

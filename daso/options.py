@@ -14,8 +14,12 @@ from pydantic import BaseModel, ConfigDict, Field
 
 WireDtype = Literal["bfloat16", "float16", "float32"]
 #: DiLoCo's outer learning rate and Nesterov momentum (Douillard et al. 2023).
-DEFAULT_OUTER_LR = 0.7
-DEFAULT_OUTER_MOMENTUM = 0.9
+#: Outer step defaults: SlowMo's (Wang et al. 2020, arXiv 1910.00643: lr 1, momentum up to
+#: 0.5 at 12-48 inner steps). DiLoCo's 0.7 and 0.9 are set for rounds of hundreds of inner
+#: steps; over DASO's or local SGD's short rounds they amplify each average about
+#: ``lr / (1 - momentum)`` = 7 times and training diverges (benchmarks/README.md).
+DEFAULT_OUTER_LR = 1.0
+DEFAULT_OUTER_MOMENTUM = 0.5
 
 
 class Section(BaseModel):
@@ -57,8 +61,11 @@ class OuterOptimizerOptions(StrategyOptions):
         "(DiLoCo: SGD with Nesterov momentum on the pseudo-gradient anchor - mean).",
     )
     outer_lr: float = Field(
-        DEFAULT_OUTER_LR, gt=0, description="Outer learning rate (DiLoCo: 0.7)."
+        DEFAULT_OUTER_LR, gt=0, description="Outer learning rate (SlowMo: 1; DiLoCo: 0.7)."
     )
     outer_momentum: float = Field(
-        DEFAULT_OUTER_MOMENTUM, ge=0, lt=1, description="Outer Nesterov momentum (DiLoCo: 0.9)."
+        DEFAULT_OUTER_MOMENTUM,
+        ge=0,
+        lt=1,
+        description="Outer Nesterov momentum (SlowMo: up to 0.5; DiLoCo: 0.9).",
     )

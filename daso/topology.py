@@ -678,6 +678,20 @@ def init_distributed(
     )
 
 
+def extra_node_group(groups: ProcessGroups) -> Any:
+    """A new ``torch.distributed`` group of this rank's node (same ranks as
+    ``groups.node_group``), for collectives issued from another thread than the node group's
+    (a group's collectives must come in the same order on every rank, so two threads never
+    share one). Every rank of the job must call it at the same point (collective).
+    """
+    import torch.distributed as dist
+
+    topo = groups.topology
+    enumeration = [topo.ranks_on_node(n) for n in range(topo.num_nodes)]
+    group, _ = dist.new_subgroups_by_enumeration(enumeration, backend=groups.backend)
+    return group
+
+
 def shutdown_distributed() -> None:
     """Leave ``torch.distributed`` cleanly: wait for every rank, then destroy the groups.
 

@@ -479,6 +479,13 @@ class Trainer(Checkpointing):
         if failure is not None:
             raise failure from err
 
+    def _validates(self, epoch: int) -> bool:
+        """Whether epoch ``epoch`` (0-based) ends with validation (``trainer.eval_every_epochs``;
+        the last epoch always does)."""
+        every = self.config.trainer.eval_every_epochs
+        last = epoch + 1 == self.config.trainer.epochs
+        return last or (every > 0 and (epoch + 1) % every == 0)
+
     def _run_epoch(
         self,
         loader: DataLoader,
@@ -496,7 +503,7 @@ class Trainer(Checkpointing):
         row["train_seconds"] = time.perf_counter() - begin
         self.windows = []
         self._operation = f"epoch {epoch}: validation"
-        if val_loader is not None:
+        if val_loader is not None and self._validates(epoch):
             row.update(self._evaluate(val_loader))
         else:
             row["val_loss"] = row["val_accuracy"] = None

@@ -6,6 +6,7 @@ test needs to check (tensors, hashes, flags) to ``OUT/rank<r>.pt``.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import time
 from collections.abc import Iterator
@@ -504,6 +505,26 @@ def blocking_daso(
     return strategy
 
 
+@contextlib.contextmanager
+def counting_broadcasts() -> Iterator[list[int]]:
+    """Inside the block, every node-local broadcast of the averager is recorded (its element
+    count) in the list yielded."""
+    from daso.strategies import averaging
+
+    calls: list[int] = []
+    real = averaging.broadcast
+
+    def counted(tensor: torch.Tensor, src: int, group: Any = None) -> None:
+        calls.append(tensor.numel())
+        real(tensor, src, group)
+
+    averaging.broadcast = counted
+    try:
+        yield calls
+    finally:
+        averaging.broadcast = real
+
+
 def seeded(numel: int, *seed: int) -> torch.Tensor:
     """Reproducible float32 normal values of ``numel`` elements for a tuple of ints."""
     generator = torch.Generator().manual_seed(hash(seed) % (2**31))
@@ -572,6 +593,7 @@ def scenario_anchor(groups: ProcessGroups, params: dict[str, Any]) -> dict[str, 
             outer_lr=outer[1],
             outer_momentum=outer[2],
             merge=outer[3],
+            outer_step_at="every_sync",
         )
         state = FlatBuffer(model_state_tensors(model))
         anchor = strategy.averager.anchor.clone()
@@ -579,18 +601,21 @@ def scenario_anchor(groups: ProcessGroups, params: dict[str, Any]) -> dict[str, 
         strategy.schedule.params = SyncParams(2, 1, 1, "cycling")
         sends = []
         for i in range(4):
+            # every rank its own values: the node's ranks differ, as after local skips
             sent = seeded(state.numel, 21, i, topo.rank)
             state.unpack(sent)
             strategy.after_step(2 * i)
             local = seeded(state.numel, 22, i, topo.rank)
             state.unpack(local)
-            strategy.after_step(2 * i + 1)
+            with counting_broadcasts() as broadcasts:
+                strategy.after_step(2 * i + 1)
             sends.append(
                 {
                     "sent": sent,
                     "local": local,
                     "final": state.pack().clone(),
                     "anchor": strategy.averager.anchor.clone(),
+                    "broadcasts": broadcasts,
                 }
             )
         rotation.append(
@@ -603,6 +628,29 @@ def scenario_anchor(groups: ProcessGroups, params: dict[str, Any]) -> dict[str, 
         )
         strategy.close()
     out["rotation"] = rotation
+
+    steps = {}
+    for placement in ("every_sync", "window_end"):
+        torch.manual_seed(0)
+        model = tiny_model()
+        strategy = daso_on(
+            groups, model, downcast="float32", outer_optimizer="nesterov", outer_step_at=placement
+        )
+        outer = strategy.averager.outer
+        calls = []
+        real_step = outer.step
+        outer.step = lambda start, mean, real_step=real_step, calls=calls: (
+            calls.append(1) or real_step(start, mean)
+        )
+        strategy.begin_window(0, 4)
+        # sends on steps 0 and 2, each merged 2 steps later: the second on the last step (3)
+        strategy.schedule.params = SyncParams(2, 1, 2, "cycling")
+        for batch in range(4):
+            state.unpack(seeded(state.numel, 31, batch, topo.rank))
+            strategy.after_step(batch)
+        steps[placement] = {"outer_steps": len(calls), "merges": strategy.syncs["merges"]}
+        strategy.close()
+    out["outer_steps"] = steps
     return out
 
 

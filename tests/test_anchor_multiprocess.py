@@ -94,16 +94,27 @@ def test_senders_rotate_and_merges_follow_the_formula(anchor_results, case):
                 anchor[:params], mean[:params], buffer[:params], lr, momentum
             )
             anchor = np.concatenate([stepped, mean[params:]])
-        for node in range(NUM_NODES):
-            local = runs[ranks_of(node)[sender]]["sends"][i]["local"].double().numpy()
+        for rank in range(NUM_NODES * LOCAL):  # every rank merges its own state
+            got = runs[rank]["sends"][i]
+            local = got["local"].double().numpy()
             if rule == "staleness":
                 expected = (2 * local + NUM_NODES * anchor) / (2 + NUM_NODES)
-            else:
-                expected = anchor + local - sent[node]
-            for rank in ranks_of(node):
-                got = runs[rank]["sends"][i]
-                np.testing.assert_allclose(got["anchor"].double().numpy(), anchor, atol=1e-5)
-                np.testing.assert_allclose(got["final"].double().numpy(), expected, atol=1e-5)
+            else:  # its own progress since the send, laid on the new anchor
+                expected = anchor + local - got["sent"].double().numpy()
+            np.testing.assert_allclose(got["anchor"].double().numpy(), anchor, atol=1e-5)
+            np.testing.assert_allclose(got["final"].double().numpy(), expected, atol=1e-5)
+            # one node-local broadcast per merge: the float32 sum, never the state again
+            assert got["broadcasts"] == [anchor.size], got["broadcasts"]
+
+
+def test_one_outer_step_on_the_last_step_of_a_window(anchor_results):
+    """A merge due on a window's last step takes the plain mean and the window-end average the
+    outer step, so that step takes one outer step (not two back to back); with
+    ``outer_step_at: window_end`` the window takes one outer step in all."""
+    for result in anchor_results:
+        steps = result["outer_steps"]
+        assert steps["every_sync"] == {"outer_steps": 2, "merges": 2}
+        assert steps["window_end"] == {"outer_steps": 1, "merges": 2}
 
 
 def test_outer_lr_1_momentum_0_equals_the_plain_average(anchor_results):

@@ -14,6 +14,8 @@ BLOCKING = {"warmup_windows": 1, "cooldown_windows": 0}
 STRATEGIES = [
     ("ddp", "ddp", {}),
     ("hierarchical", "hierarchical", {}),
+    ("hierarchical_after_backward", "hierarchical", {"overlap": False}),
+    ("hierarchical_small_buckets", "hierarchical", {"bucket_cap_mb": 0.0005}),
     ("hierarchical_bf16", "hierarchical", {"wire_dtype": "bfloat16"}),
     ("local_sgd_1", "local_sgd", {"period": 1}),
     ("local_sgd_4", "local_sgd", {"period": 4}),
@@ -52,11 +54,13 @@ def rel_error(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).norm() / b.norm())
 
 
-def test_hierarchical_equals_ddp_after_every_step(runs):
+@pytest.mark.parametrize(
+    "label", ["hierarchical", "hierarchical_after_backward", "hierarchical_small_buckets"]
+)
+def test_hierarchical_equals_ddp_after_every_step(runs, label):
+    """Overlapped (per DDP bucket, one bucket or several of 512 bytes) and after backward()."""
     for result in runs:
-        for got, want in zip(
-            result["runs"]["hierarchical"]["trace"], result["runs"]["ddp"]["trace"]
-        ):
+        for got, want in zip(result["runs"][label]["trace"], result["runs"]["ddp"]["trace"]):
             assert rel_error(got, want) < 1e-6
 
 
@@ -126,7 +130,8 @@ def test_cross_node_bytes_match_analytic_counts(runs):
     hierarchical: every node hands the whole gradient once per step, split in shards over its
     min_n L_n ranks (float32: 4 bytes, bfloat16: 2). local_sgd: one rank per node hands the
     float32 model state (parameters and BatchNorm statistics) per average. daso (cycling,
-    global_skips 4): one rank per node sends the bfloat16 model state on batches 0 and 4.
+    global_skips 4): one rank per node sends the float32 model state on batches 0 and 4
+    (cycling_downcast).
     daso blocking (float32): every node hands the gradient (blocking_sync: gradients) or the
     model state (parameters) once per step, in shards.
 

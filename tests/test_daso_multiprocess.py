@@ -76,17 +76,18 @@ def test_parameters_bitwise_identical_after_every_epoch(shared_job):
     assert skips == [4, 4, 2, 1, 8, 0], skips  # the schedule really cycled
     # sends, merges and blocking averages per epoch, counted from the schedule: a send on every
     # batch b < B - 1 with b % S == 0, each merged within the epoch, one blocking average at the
-    # epoch end; a blocking epoch averages after every batch. Every phase sends bfloat16 (2
-    # bytes an element): P model elements per send and per node, the model and the optimizer
-    # state (Q) at the epoch end; cross_node_bytes sums all ranks.
+    # epoch end; a blocking epoch averages after every batch. The cycling sends go as float32
+    # (4 bytes an element, cycling_downcast), the blocking averages as bfloat16 (2 bytes):
+    # P model elements per send and per node, the model and the optimizer state (Q) at the
+    # epoch end; cross_node_bytes sums all ranks (2 nodes).
     num_batches, synced, optimizer = 16, results[0]["synced_numel"], results[0]["optimizer_numel"]
     for row in results[0]["history"]:
         s = row["global_skips"]
         sends = len([b for b in range(num_batches - 1) if b % s == 0]) if s else 0
         blocking = 1 if s else num_batches
         assert (row["sends"], row["merges"], row["blocking_averages"]) == (sends, sends, blocking)
-        elements = synced * (sends + blocking) + optimizer
-        assert row["cross_node_bytes"] == 2 * 2 * elements, (row, elements)
+        nbytes = 4 * synced * sends + 2 * (synced * blocking + optimizer)
+        assert row["cross_node_bytes"] == 2 * nbytes, (row, nbytes)
     checked = skipped_differs = 0
     for i, row in enumerate(results[0]["batches"]):
         for node_ranks in ([0, 1], [2, 3]):

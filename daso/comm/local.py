@@ -47,6 +47,8 @@ def wrap_data_parallel(
     device: torch.device,
     counter: ByteCounter | None = None,
     fixed_buckets: bool = False,
+    comm_hook: Any = None,
+    bucket_cap_mb: float | None = None,
 ) -> torch.nn.Module:
     """Wrap ``module`` so gradients are averaged over ``group`` during ``backward()``.
 
@@ -58,11 +60,14 @@ def wrap_data_parallel(
         counter: when given, counts the gradient bytes each rank hands to the allreduce.
         fixed_buckets: keep the initial gradient bucket layout for the wrapper's life, so every
             step sums in the same order (bitwise-reproducible resumes; ``trainer.deterministic``).
+        comm_hook: a DDP communication hook ``hook(state, bucket) -> Future`` that replaces
+            the bucket allreduce (then the module is wrapped even for a group of one).
+        bucket_cap_mb: DDP's gradient bucket size in MiB (``None``: DDP's default, 25).
 
     Returns:
-        A ``DistributedDataParallel`` (or ``module`` itself for a group of one).
+        A ``DistributedDataParallel`` (or ``module`` itself for a group of one and no hook).
     """
-    if group_size <= 1:
+    if group_size <= 1 and comm_hook is None:
         return module
     device_ids = [device.index] if device.type == "cuda" else None
     # DDP's default: buffers (BatchNorm statistics) are broadcast from the group's first rank
@@ -71,10 +76,17 @@ def wrap_data_parallel(
     # new wrapper (a resumed run) sums in another order for one step; with more than two ranks
     # that changes the last bits. DDP skips the re-bucketing when it looks for unused
     # parameters, at the price of one walk over the autograd graph per step.
+    extra = {} if bucket_cap_mb is None else {"bucket_cap_mb": bucket_cap_mb}
     ddp = DistributedDataParallel(
-        module, device_ids=device_ids, process_group=group, find_unused_parameters=fixed_buckets
+        module,
+        device_ids=device_ids,
+        process_group=group,
+        find_unused_parameters=fixed_buckets,
+        **extra,
     )
-    if counter is not None:
+    if comm_hook is not None:
+        ddp.register_comm_hook(None, comm_hook)
+    elif counter is not None:
         ddp.register_comm_hook(group, counter.allreduce_hook)
     return ddp
 

@@ -87,7 +87,7 @@ def sum_shards_over_nodes(
     return flat
 
 
-class _CrossNodeLink:
+class CrossNodeLink:
     """A holder of one :class:`~daso.comm.CrossNodeSum` in :attr:`cross` (``None`` on ranks
     without a cross-node group): its counters, and its shutdown."""
 
@@ -105,7 +105,7 @@ class _CrossNodeLink:
             self.cross.close()
 
 
-class GradientAverager(_CrossNodeLink):
+class GradientAverager(CrossNodeLink):
     """Synchronous two-level gradient mean over every rank, after ``backward()``.
 
     DDP has already averaged the gradients inside the node; this sums the node's flat
@@ -184,7 +184,7 @@ def merge_stale(
     return local.mul_(weight).add_(mean, alpha=num_nodes).div_(weight + num_nodes)
 
 
-class CrossNodeAverager(_CrossNodeLink):
+class CrossNodeAverager(CrossNodeLink):
     """Averages a model's state across nodes over the delta wire, and keeps every node
     consistent.
 
@@ -200,9 +200,18 @@ class CrossNodeAverager(_CrossNodeLink):
             optimizer steps those, the rest (buffers) take the plain mean. Default: all.
         outer: the outer optimizer (:class:`~daso.strategies.outer.OuterNesterov`), or ``None``
             for the plain average.
+        outer_from_window_start: the outer step's pseudo-gradient runs from the state at the
+            last window end (:attr:`origin`) to the window-end mean, so one outer step covers
+            a whole window whatever syncs happened inside it (DASO's ``outer_step_at:
+            window_end``); ``False``: from the anchor of the previous sync.
+        send_wire_dtype: wire dtype of the non-blocking syncs (:meth:`start`), if other than
+            ``wire_dtype`` (DASO's ``cycling_downcast``); they then run on a duplicate of the
+            cross-node communicator, with a wire buffer of their own.
 
     Memory: besides :attr:`state`, one float32 ``[P]`` anchor per rank (and one more ``[P]``
-    momentum buffer with ``outer``), ``P`` the number of synced elements.
+    momentum buffer with ``outer``, one more ``[P]`` origin with
+    ``outer_from_window_start``), ``P`` the number of synced elements; while a non-blocking
+    sync with ``keep_sent`` is in flight, one more ``[P]`` per rank.
 
     Attributes:
         state: the :class:`~daso.comm.FlatBuffer` mirroring ``tensors`` (float32 ``[P]``).
@@ -214,6 +223,8 @@ class CrossNodeAverager(_CrossNodeLink):
             parameters (a batch without node-local gradient averaging); the next blocking
             average then takes the node-local mean of everything first (otherwise only of the
             buffers, which every rank updates from its own batch).
+        origin: float32 ``[P]``, the state at the last window end (``outer_from_window_start``),
+            else ``None``.
     """
 
     def __init__(
@@ -225,6 +236,8 @@ class CrossNodeAverager(_CrossNodeLink):
         poll_interval: float = 0.0,
         param_numel: int | None = None,
         outer: OuterNesterov | None = None,
+        outer_from_window_start: bool = False,
+        send_wire_dtype: torch.dtype | None = None,
     ) -> None:
         self.groups = groups
         self.topology = groups.topology
@@ -232,6 +245,8 @@ class CrossNodeAverager(_CrossNodeLink):
         self.param_numel = self.state.numel if param_numel is None else param_numel
         self.anchor = self.state.pack().clone()
         self.outer = outer
+        self.origin = self.anchor.clone() if outer is not None and outer_from_window_start else None
+        self._sum: torch.Tensor | None = None  # receive buffer of a merge's sum (non-senders)
         self.node_diverged = False
         self.cross: CrossNodeSum | None = None
         if groups.cross_comm is not None:
@@ -244,20 +259,53 @@ class CrossNodeAverager(_CrossNodeLink):
                 poll_interval=poll_interval,
                 cuda_aware_mpi=groups.cuda_aware_mpi,
             )
+        self.sends = self.cross  # the sum of the non-blocking syncs
+        if self.cross is not None and send_wire_dtype not in (None, wire_dtype):
+            self.sends = CrossNodeSum(
+                groups.cross_comm.Dup(),
+                self.state.numel,
+                send_wire_dtype,
+                groups.device,
+                timeout=timeout,
+                poll_interval=poll_interval,
+                cuda_aware_mpi=groups.cuda_aware_mpi,
+            )
         self.sender = 0
         self._extended: FlatBuffer | None = None
         self._sent: torch.Tensor | None = None  # one node: the sum over nodes of the delta
         self.sent_delta: torch.Tensor | None = None  # the sender's own x_sent - anchor
 
+    def counters(self) -> tuple[int, float]:
+        """``(bytes handed to MPI, seconds waited)`` since construction, this rank, blocking
+        and non-blocking syncs together."""
+        sent, waited = super().counters()
+        if self.sends is not None and self.sends is not self.cross:
+            sent, waited = sent + self.sends.bytes_sent, waited + self.sends.wait_seconds
+        return sent, waited
+
+    def close(self) -> None:
+        """Stop the communication threads."""
+        super().close()
+        if self.sends is not None and self.sends is not self.cross:
+            self.sends.close()
+
     # -- the anchor ------------------------------------------------------------------------
-    def _advance_anchor(self, mean: torch.Tensor, outer: bool = True) -> torch.Tensor:
-        """``anchor <- mean`` (or, with ``outer`` and an outer optimizer, its step along
-        ``anchor - mean``); returns the anchor."""
+    def _advance_anchor(
+        self, mean: torch.Tensor, outer: bool = True, window_end: bool = False
+    ) -> torch.Tensor:
+        """``anchor <- mean``, or, with ``outer`` and an outer optimizer, its step along
+        ``start - mean`` (``start``: :attr:`origin` if kept, else the anchor); at a
+        ``window_end`` the origin moves to the new anchor. Returns the anchor."""
         if self.outer is None or not outer:
-            return self.anchor.copy_(mean)
-        n = self.param_numel
-        self.outer.step(self.anchor[:n], mean[:n])
-        self.anchor[n:].copy_(mean[n:])
+            self.anchor.copy_(mean)
+        else:
+            n = self.param_numel
+            start = self.origin if self.origin is not None else self.anchor
+            self.outer.step(start[:n], mean[:n])
+            self.anchor[:n].copy_(start[:n])
+            self.anchor[n:].copy_(mean[n:])
+        if window_end and self.origin is not None:
+            self.origin.copy_(self.anchor)
         return self.anchor
 
     # -- non-blocking (DASO's sends) -------------------------------------------------------
@@ -276,21 +324,22 @@ class CrossNodeAverager(_CrossNodeLink):
         cross-node group; returns at once with the sender's local rank. The sender's node must
         hold its parameters then (they are sent as they are). With ``keep_sent`` the sender
         keeps its own float32 difference in :attr:`sent_delta` (for the ``progress`` merge;
-        one more float32 ``[P]`` while the sync is in flight)."""
+        one more float32 ``[P]`` while the sync is in flight). Every rank of the node keeps its
+        own difference then, since a node's ranks may hold different states (local skips)."""
         sender = self.next_sender()
+        self.sent_delta = self.state.pack().sub(self.anchor) if keep_sent else None
         if self.is_sender(sender):
             delta = self.state.pack().sub_(self.anchor)
-            self.sent_delta = delta.clone() if keep_sent else None
-            if self.cross is not None:
-                self.cross.start(delta, tag=tag)
+            if self.sends is not None:
+                self.sends.start(delta, tag=tag)
             else:
                 self._sent = delta.clone()
         return sender
 
     def collect(self) -> torch.Tensor:
         """On the sender: block until its sum arrives; float32 ``[P]``, ``sum_n (x_n - a)``."""
-        if self.cross is not None:
-            return self.cross.wait()
+        if self.sends is not None:
+            return self.sends.wait()
         sent, self._sent = self._sent, None
         return sent
 
@@ -300,12 +349,15 @@ class CrossNodeAverager(_CrossNodeLink):
         batches_waited: int,
         summed: torch.Tensor | None = None,
         rule: str = "staleness",
+        outer: bool = True,
     ) -> None:
-        """Complete ``sender``'s sync: on every rank the anchor becomes the mean (or the outer
-        step); the sender merges its newer parameters with the new anchor ``a'`` and
-        broadcasts the result to the rest of its node.
+        """Complete ``sender``'s sync: the sender broadcasts the sum over nodes inside its node
+        (one float32 ``[P]`` broadcast); on every rank the anchor becomes the mean (or, with
+        ``outer``, the outer step) and the rank merges its own newer state with the new anchor
+        ``a'``, so the progress a node's ranks made on their own gradients since the send
+        (local skips) is kept; where the node's ranks agree, they still agree bit for bit.
 
-        Rules, with ``x`` the sender's current parameters and ``x_sent`` what it sent:
+        Rules, with ``x`` the rank's current state and ``x_sent`` its state at the send:
 
         * ``"staleness"`` (DASO paper, eq. 1): ``x <- (2W x + N a') / (2W + N)``
           (:func:`merge_stale`);
@@ -318,30 +370,26 @@ class CrossNodeAverager(_CrossNodeLink):
             batches_waited: W, optimizer steps since the send.
             summed: the sender's completed sum, if it was already collected (a checkpoint).
             rule: ``"staleness"`` or ``"progress"``.
+            outer: take the outer optimizer's step (if there is one), else the plain mean.
         """
         topo = self.topology
         src = topo.global_rank(topo.node_rank, sender)
-        total = self.state.flat  # receive buffer on the other ranks (overwritten below)
         if self.is_sender(sender):
             total = summed if summed is not None else self.collect()
+        else:
+            if self._sum is None:
+                self._sum = torch.empty_like(self.anchor)
+            total = self._sum
         broadcast(total, src, self.groups.node_group)
         sent = self.anchor + self.sent_delta if self.sent_delta is not None else None
-        anchor = self._advance_anchor(self.anchor + total / topo.num_nodes)
-        if self.is_sender(sender):
-            local = self.state.pack()
-            if rule == "progress":
-                local.sub_(sent).add_(anchor)
-            else:
-                merge_stale(local, anchor, batches_waited, topo.num_nodes)
-        self.sent_delta = None
-        self.broadcast_from(sender)
-
-    def broadcast_from(self, sender: int) -> None:
-        """Node-local broadcast of :attr:`state` from local rank ``sender``, then unpack."""
-        src = self.topology.global_rank(self.topology.node_rank, sender)
-        broadcast(self.state.flat, src, self.groups.node_group)
+        anchor = self._advance_anchor(self.anchor + total / topo.num_nodes, outer)
+        local = self.state.pack()
+        if rule == "progress":
+            local.sub_(sent).add_(anchor)
+        else:
+            merge_stale(local, anchor, batches_waited, topo.num_nodes)
         self.state.unpack()
-        self.node_diverged = False
+        self.sent_delta = None
 
     # -- blocking ----------------------------------------------------------------------------
     def _buffer_with(self, extra: Sequence[torch.Tensor]) -> FlatBuffer:
@@ -359,6 +407,7 @@ class CrossNodeAverager(_CrossNodeLink):
         by_ranks: bool = False,
         outer: bool = True,
         tag: Any = None,
+        window_end: bool = False,
     ) -> None:
         """Blocking average of the model state (and of ``extra``) over all nodes.
 
@@ -380,6 +429,8 @@ class CrossNodeAverager(_CrossNodeLink):
             outer: take the outer optimizer's step (if there is one); ``False``: the plain
                 mean (DASO's blocking warm-up and cool-down, ``local_sgd``'s warm-up steps).
             tag: label for timeout errors.
+            window_end: the average closes a window (the :attr:`origin` of the next outer
+                step moves to its result).
         """
         buffer = self._buffer_with(extra)
         topo = self.topology
@@ -397,7 +448,7 @@ class CrossNodeAverager(_CrossNodeLink):
             divisor=topo.world_size if by_ranks else topo.num_nodes,
             tag=tag,
         )
-        model.copy_(self._advance_anchor(model.add_(self.anchor), outer))
+        model.copy_(self._advance_anchor(model.add_(self.anchor), outer, window_end))
         buffer.unpack()
         self.node_diverged = False
 
@@ -408,10 +459,13 @@ class CrossNodeAverager(_CrossNodeLink):
 
     # -- checkpoints -------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
-        """Sender rotation, the anchor (float32 ``[P]``, CPU) and the outer optimizer's state."""
+        """Sender rotation, the anchor (float32 ``[P]``, CPU), the outer optimizer's state and
+        the window's origin (if kept)."""
         state: dict[str, Any] = {"sender": self.sender, "anchor": self.anchor.cpu().clone()}
         if self.outer is not None:
             state["outer"] = self.outer.state_dict()
+        if self.origin is not None:
+            state["origin"] = self.origin.cpu().clone()
         return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -420,3 +474,5 @@ class CrossNodeAverager(_CrossNodeLink):
         self.anchor.copy_(state["anchor"])
         if self.outer is not None:
             self.outer.load_state_dict(state["outer"])
+        if self.origin is not None:
+            self.origin.copy_(state.get("origin", state["anchor"]))

@@ -163,15 +163,21 @@ class Strategy(abc.ABC):
         """
         self.epochs = windows
 
-    def wrap_in_node(self, model: torch.nn.Module) -> torch.nn.Module:
+    def wrap_in_node(
+        self, model: torch.nn.Module, comm_hook: Any = None, bucket_cap_mb: float | None = None
+    ) -> torch.nn.Module:
         """``model`` under DDP over this rank's node group (gradients averaged inside the node
-        every step), honouring :attr:`deterministic`; ``model`` itself on a node of one rank."""
+        every step), honouring :attr:`deterministic`; ``model`` itself on a node of one rank
+        unless ``comm_hook`` (a DDP communication hook replacing the bucket allreduce, e.g.
+        :meth:`~daso.strategies.overlap.OverlappedGradientSum.hook`) is given."""
         return wrap_data_parallel(
             model,
             self.groups.node_group,
             self.topology.local_world_size,
             self.groups.device,
             fixed_buckets=self.deterministic,
+            comm_hook=comm_hook,
+            bucket_cap_mb=bucket_cap_mb,
         )
 
     @abc.abstractmethod

@@ -41,9 +41,10 @@ from pydantic import AliasChoices, Field, model_validator
 from daso.comm import WIRE_DTYPES, no_sync, optimizer_state_tensors, synced_state_tensors
 from daso.options import OuterOptimizerOptions, WireDtype
 from daso.schedule import CYCLING, DASOSchedule
-from daso.strategies.averaging import CrossNodeAverager, GradientAverager
+from daso.strategies.averaging import CrossNodeAverager
 from daso.strategies.base import EpochCounters, Strategy
 from daso.strategies.outer import build_outer_optimizer
+from daso.strategies.overlap import OverlappedGradientSum
 from daso.topology import ProcessGroups
 
 #: Per-epoch counts in :meth:`DASOStrategy.window_metrics`.
@@ -76,7 +77,19 @@ class DASOOptions(OuterOptimizerOptions):
         4, ge=1, description="After a reset, local_skips = batches_to_wait = max / this."
     )
     downcast: WireDtype = Field(
-        "bfloat16", description="Wire dtype of cross-node syncs (differences from the anchor)."
+        "bfloat16",
+        description="Wire dtype of the blocking cross-node syncs (warm-up, cool-down, window "
+        "ends; differences from the anchor).",
+    )
+    cycling_downcast: WireDtype | None = Field(
+        "float32",
+        description="Wire dtype of the non-blocking syncs of the cycling phase (null: "
+        "downcast). The reference implementation sends float32 there.",
+    )
+    outer_step_at: Literal["window_end", "every_sync"] = Field(
+        "window_end",
+        description="Where outer_optimizer steps in the cycling phase: once per window, from "
+        "the last window end to the window-end mean; or at every merge and window end.",
     )
     merge: Literal["staleness", "progress"] = Field(
         "progress",
@@ -127,9 +140,15 @@ class DASOStrategy(Strategy):
     ``skip_reduction_factor``, ``local_skip_factor``: see :class:`~daso.schedule.DASOSchedule`),
     and:
 
-        downcast: wire dtype of the differences from the anchor in cross-node syncs:
-            ``"bfloat16"``, ``"float16"`` or ``"float32"``. The model state itself stays
-            float32; memory: one float32 anchor of the synced state per rank.
+        downcast: wire dtype of the differences from the anchor in the blocking cross-node
+            syncs (warm-up and cool-down steps, window ends): ``"bfloat16"`` (default),
+            ``"float16"`` or ``"float32"``. The model state itself stays float32; memory: one
+            float32 anchor of the synced state per rank.
+        cycling_downcast: wire dtype of the non-blocking syncs of the cycling phase
+            (``"float32"`` by default, as the reference implementation; ``None``: ``downcast``).
+            Cycling moves few bytes (one sync every ``global_skips`` steps, overlapped), so its
+            precision costs little time. A different dtype takes a second MPI communicator
+            (a duplicate of ``C_k``) and wire buffer.
         merge: ``"progress"`` (default: ``x <- mean + (x - x_sent)``, the node's own progress
             since the send on top of the mean, so nodes do not drift apart between syncs; one
             more float32 copy of the state on the sender while a sync is in flight) or
@@ -137,15 +156,21 @@ class DASOStrategy(Strategy):
             keeps part of every node's divergence at each sync; see benchmarks/README.md for
             the runs behind the default).
         outer_optimizer: ``"none"`` (the plain mean, the paper's algorithm) or ``"nesterov"``
-            (DiLoCo's outer SGD with Nesterov momentum on the anchor, driven by the
-            pseudo-gradient ``anchor - mean``; one more float32 copy of the state per rank).
-            It steps on the syncs of the cycling phase (the merges and the epoch-end
-            averages); the per-batch blocking averages of warm-up and cool-down take the
-            plain mean, since an outer momentum step after every optimizer step would stack a
-            second momentum on the inner one (about ``outer_lr / (1 - outer_momentum)`` = 7
-            times the inner step at DiLoCo's defaults).
-        outer_lr: the outer learning rate (DiLoCo: 0.7).
-        outer_momentum: the outer Nesterov momentum (DiLoCo: 0.9).
+            (DiLoCo's outer SGD with Nesterov momentum, driven by a pseudo-gradient
+            ``start - mean``; one more float32 copy of the state per rank, two with
+            ``outer_step_at: window_end``). Only the cycling phase steps; the per-batch
+            blocking averages of warm-up and cool-down take the plain mean, since an outer
+            momentum step after every optimizer step would stack a second momentum on the
+            inner one.
+        outer_step_at: ``"window_end"`` (default): one outer step per cycling window, at its
+            end, from the state at the previous window end (SlowMo's and DiLoCo's horizon of
+            many inner steps; merges inside the window take the plain mean).
+            ``"every_sync"``: a step at every merge and at the window end, from the anchor of
+            the previous sync (horizons of ``global_skips`` steps; a merge on the window's
+            last step then takes the plain mean, so that step takes one outer step, not two).
+        outer_lr: the outer learning rate (default 1, SlowMo's; DiLoCo: 0.7).
+        outer_momentum: the outer Nesterov momentum (default 0.5, SlowMo's largest at 12-48
+            inner steps; DiLoCo's 0.9 amplifies short rounds about 7 times and diverges).
         sync_optimizer_state: also average floating-point optimizer state (momentum, Adam
             moments) across nodes in the blocking sync at the end of each epoch.
         blocking_sync: what the blocking windows (warm-up, cool-down) average across nodes
@@ -153,13 +178,14 @@ class DASOStrategy(Strategy):
             ``optimizer.step()``; with plain or momentum SGD, whose step is linear in the
             gradient, that is ``ddp``'s step, but with an adaptive optimizer (Adam, AdamW)
             it is the mean of steps normalised by node-local gradient statistics, not the
-            step on the global gradient. ``"gradients"``: the gradients, over every rank
-            (weighted by rank, :class:`~daso.strategies.averaging.GradientAverager`, in the
-            ``downcast`` dtype), before the step, so every blocking step is ``ddp``'s for any
-            optimizer; the window-end average still syncs buffers (BatchNorm statistics, which
-            then differ across nodes inside a blocking window) and the optimizer state. Needs
+            step on the global gradient. ``"gradients"``: the gradients, over every rank, in
+            ``backward()`` bucket by bucket (``hierarchical``'s overlapped allreduce,
+            :class:`~daso.strategies.overlap.OverlappedGradientSum`, in the ``downcast``
+            dtype), so every blocking step is ``ddp``'s for any optimizer; the
+            window-end average still syncs buffers (BatchNorm statistics, which then differ
+            across nodes inside a blocking window) and the optimizer state. Needs
             ``sync_optimizer_state`` (the optimizer states must agree when a blocking window
-            starts). One more float32 ``[P]`` gradient vector per rank.
+            starts).
         poll_interval_seconds: how the communication thread drives MPI (see
             :class:`~daso.comm.CrossNodeSum`).
 
@@ -176,13 +202,16 @@ class DASOStrategy(Strategy):
         opts = self.options
         self.schedule = DASOSchedule(epochs, **opts.schedule_options())
         self.wire_dtype = WIRE_DTYPES[opts.downcast]
+        self.send_wire_dtype = WIRE_DTYPES[opts.cycling_downcast or opts.downcast]
+        self.outer_every_sync = opts.outer_step_at == "every_sync"
         self.merge_rule = opts.merge
         self.sync_optimizer_state = opts.sync_optimizer_state
         self.poll_interval = opts.poll_interval_seconds
         self.pending: tuple[int, int] | None = None  # (batch sent, sender local rank)
         self._received: torch.Tensor | None = None  # a sum waited for by a mid-epoch checkpoint
         self.averager: CrossNodeAverager | None = None
-        self.gradients: GradientAverager | None = None  # blocking_sync: gradients
+        self.gradients: OverlappedGradientSum | None = None  # blocking_sync: gradients
+        self._gradient_bytes = 0  # gradients' byte counter at the last blocking step
         self.counters = EpochCounters()
         self.syncs = dict.fromkeys(SYNC_COUNTS, 0)  # this epoch's sends, merges, averages
 
@@ -193,7 +222,6 @@ class DASOStrategy(Strategy):
 
     def wrap(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> torch.nn.Module:
         self.optimizer = optimizer
-        self.model = self.wrap_in_node(model)
         tensors, param_numel = synced_state_tensors(model)
         self.averager = CrossNodeAverager(
             self.groups,
@@ -203,16 +231,25 @@ class DASOStrategy(Strategy):
             self.poll_interval,
             param_numel=param_numel,
             outer=build_outer_optimizer(self.options, param_numel, self.groups.device),
+            outer_from_window_start=not self.outer_every_sync,
+            send_wire_dtype=self.send_wire_dtype,
         )
         if self.options.blocking_sync == "gradients" and self.topology.num_nodes > 1:
-            params = [p for p in model.parameters() if p.requires_grad]
-            self.gradients = GradientAverager(self.groups, params, self.wire_dtype, self.timeout)
+            # blocking windows: hierarchical's overlapped bucket allreduce inside backward()
+            self.gradients = OverlappedGradientSum(
+                self.groups, self.wire_dtype, self.timeout, cross_node=False
+            )
+            self.model = self.wrap_in_node(model, self.gradients.hook)
+        else:
+            self.model = self.wrap_in_node(model)
         return self.model
 
     # -- per batch -----------------------------------------------------------------------------
     def sync_context(self, batch: int) -> contextlib.AbstractContextManager:
         # the last batch syncs in the node too, so the epoch-closing average sees one model
         last = batch == self.window_length - 1
+        if self.gradients is not None:  # across nodes in blocking windows, in the node else
+            self.gradients.cross_node = self.schedule.params.blocking
         if last or self.schedule.params.is_local_sync_batch(batch):
             return contextlib.nullcontext()
         self.averager.node_diverged = True  # the node's ranks step on their own gradients
@@ -221,9 +258,13 @@ class DASOStrategy(Strategy):
     def after_backward(self, batch: int) -> None:
         if self.gradients is None or not self.schedule.params.blocking:
             return
-        gradients = self.gradients
-        tag = f"DASO blocking gradient average at batch {batch}"
-        self._blocking(gradients, "gradients", lambda: gradients.average(tag=tag))
+        # the gradients were averaged over every rank inside backward(), bucket by bucket
+        sent = self.gradients.counters()[0]
+        self.syncs["blocking_averages"] += 1
+        self.record_event(
+            "average", kind="gradients", bytes=sent - self._gradient_bytes, wait_seconds=0.0
+        )
+        self._gradient_bytes = sent
 
     def after_step(self, batch: int) -> None:
         params = self.schedule.params
@@ -231,7 +272,8 @@ class DASOStrategy(Strategy):
         if self.pending is not None:
             waited = batch - self.pending[0]
             if last or waited >= params.batches_to_wait:
-                self._merge(waited)
+                # on the last step the window-end average takes the one outer step
+                self._merge(waited, outer=self.outer_every_sync and not last)
         if last:
             self._epoch_average()
         elif params.blocking and self.topology.num_nodes > 1 and self.gradients is None:
@@ -247,12 +289,14 @@ class DASOStrategy(Strategy):
         self.syncs["sends"] += 1
         self.record_event("send", sender=sender, bytes=self.averager.counters()[0] - sent)
 
-    def _merge(self, batches_waited: int) -> None:
+    def _merge(self, batches_waited: int, outer: bool) -> None:
         _, sender = self.pending
         self.pending = None
         received, self._received = self._received, None
         sent, waited = self.averager.counters()
-        self.averager.merge(sender, batches_waited, summed=received, rule=self.merge_rule)
+        self.averager.merge(
+            sender, batches_waited, summed=received, rule=self.merge_rule, outer=outer
+        )
         self.syncs["merges"] += 1
         after_sent, after_waited = self.averager.counters()
         self.record_event(
@@ -271,11 +315,17 @@ class DASOStrategy(Strategy):
             return
         extra = optimizer_state_tensors(self.optimizer) if self.sync_optimizer_state else []
         cycling = self.schedule.params.phase == CYCLING
-        self._average(extra, cycling, "window_end", "DASO end-of-epoch average")
+        self._average(extra, cycling, "window_end", "DASO end-of-epoch average", window_end=True)
 
-    def _average(self, extra: list[torch.Tensor], outer: bool, kind: str, tag: str) -> None:
+    def _average(
+        self, extra: list[torch.Tensor], outer: bool, kind: str, tag: str, window_end=False
+    ) -> None:
         averager = self.averager
-        self._blocking(averager, kind, lambda: averager.average(extra, outer=outer, tag=tag))
+
+        def sync() -> None:
+            averager.average(extra, outer=outer, tag=tag, window_end=window_end)
+
+        self._blocking(averager, kind, sync)
 
     def _blocking(self, link: Any, kind: str, sync: Callable[[], None]) -> None:
         """Run the blocking ``sync`` on ``link`` (an averager with ``counters()``), count it
@@ -307,9 +357,8 @@ class DASOStrategy(Strategy):
     def _totals(self) -> tuple[int, float]:
         """Bytes handed to MPI and seconds waited since the start, parameters and gradients."""
         sent, waited = self.averager.counters()
-        if self.gradients is not None:
-            grad_sent, grad_waited = self.gradients.counters()
-            sent, waited = sent + grad_sent, waited + grad_waited
+        if self.gradients is not None:  # its waits are inside backward(), not counted
+            sent += self.gradients.counters()[0]
         return sent, waited
 
     def end_window(self, epoch: int, loss: float) -> None:
@@ -330,8 +379,8 @@ class DASOStrategy(Strategy):
             if self._received is None:
                 self._received = averager.collect().clone()
             state["received"] = self._received.cpu()
-            if averager.sent_delta is not None:
-                state["sent_delta"] = averager.sent_delta.cpu().clone()
+        if self.pending is not None and averager.sent_delta is not None:  # every rank's own
+            state["sent_delta"] = averager.sent_delta.cpu().clone()
         return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
