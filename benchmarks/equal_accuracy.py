@@ -84,6 +84,9 @@ DASO_VARIANTS: dict[str, tuple[str, list[str]]] = {
     ),
     "daso": ("daso", []),  # the defaults
     "daso_nesterov": ("daso", ["strategy.outer_optimizer=nesterov"]),
+    # means to close the gap (issue 21): momentum sent with each sync; global_skips from the LR
+    "daso_momentum": ("daso", ["strategy.sync_momentum=true"]),
+    "daso_lr": ("daso", ["strategy.controller=lr"]),
     "hierarchical_after_backward": ("hierarchical", ["strategy.overlap=false"]),
 }
 DASO_WINDOWED = ("daso",)
@@ -110,6 +113,8 @@ COLUMNS = [
     "global_skips",
     "local_skips",
     "batches_to_wait",
+    "window_phases",
+    "window_global_skips",
     "cross_node_bytes",
     "comm_wait_seconds",
     "link_tx_bytes",
@@ -173,9 +178,12 @@ def run_one(
     result = []
     for row in rows:
         elapsed += row["train_seconds"]
+        windows = row.get("windows") or [row]  # an epoch of several windows lists them
         result.append(
             {
                 **{k: row.get(k) for k in COLUMNS},
+                "window_phases": "/".join(str(w.get("phase", "")) for w in windows),
+                "window_global_skips": "/".join(str(w.get("global_skips", "")) for w in windows),
                 "suite": args.suite,
                 "variant": label,
                 "strategy": strategy,
@@ -272,10 +280,11 @@ def main_table(runs: dict, args: argparse.Namespace, variants: list[str]) -> dic
                 "link_mb": statistics.fmean(r["link_tx_bytes"] for r in rows) / 1e6,
                 "skips": sorted(
                     {
-                        r["global_skips"]
+                        int(k)
                         for s in seeds
                         for r in runs[(v, s, epochs, rate)]
-                        if r.get("global_skips") is not None
+                        for k in r["window_global_skips"].split("/")
+                        if k not in ("", "None")
                     }
                 ),
             }
@@ -300,6 +309,11 @@ def time_to_accuracy(runs: dict, args: argparse.Namespace, target: float) -> lis
             per_seed.append(hit)
         out.append({"variant": label, "budgets": budgets, "per_seed": per_seed})
     return out
+
+
+def variants_strategy(args: argparse.Namespace, label: str) -> str:
+    """The strategy a variant label runs."""
+    return (PASSM_VARIANTS if args.suite == "passm" else DASO_VARIANTS)[label][0]
 
 
 def fmt(value: float | None, spec: str = ".2f") -> str:
@@ -342,6 +356,17 @@ def write_summary(runs: dict, args: argparse.Namespace, variants: list[str], pat
             f"| {r['cross_node_mb']:.1f} | {r['link_mb']:.1f} "
             f"| {', '.join(str(s) for s in r['skips']) or '-'} |"
         )
+    controlled = [v for v in variants if variants_strategy(args, v) == "daso"]
+    if controlled:
+        lines += [
+            "",
+            f"DASO's controller, seed {args.seeds[0]}: `global_skips` of every window "
+            "(0: blocking; epochs separated by `|`):",
+            "",
+        ]
+        for v in controlled:
+            rows = runs[(v, args.seeds[0], args.epochs, args.rate)]
+            lines.append(f"- `{v}`: " + " | ".join(r["window_global_skips"] for r in rows))
     ttt = time_to_accuracy(runs, args, main["target"])
     base_time = {
         s: final(runs, base, s, args.epochs, args.rate)["elapsed_train_seconds"] for s in args.seeds

@@ -1,47 +1,50 @@
-"""An alpha-beta cost model of one training step, fitted on emulated runs, used to extrapolate.
+"""A cost model of a training run, fitted on the equal-accuracy suite's emulated runs, checked
+against every one of them, and used to project DASO against the overlapped synchronous
+baseline to 16-1024 nodes.
 
-Model (per step, N nodes, P parameters, link bandwidth B bytes/s per node, latency alpha s):
+Model (a run of ``n`` steps, per node ``b`` bytes on a link of ``B`` bytes/s):
 
-* an allreduce of ``b`` bytes per node over N nodes (MPICH's large-message algorithm,
-  reduce-scatter then allgather) takes ``t_ar(b, N) = 2 (N-1) alpha + 2 (N-1)/N * b / (eta B)``,
-  with ``eta`` the fraction of the nominal rate that the transport achieves;
-* ``hierarchical``: ``T = T_c + t_ar(4 P, N)``: float32 gradients, blocking after backward;
-* ``daso`` while cycling (``global_skips`` S, ``batches_to_wait`` W): one bfloat16 send per S
-  batches, hidden behind up to W batches of compute but for a fraction ``1 - phi`` of it:
-  ``T = T_c + (t_ar(2 P, N) - phi * min(t_ar(2 P, N), W T_c)) / S``; during its blocking
-  warm-up and cool-down (a fraction ``f`` of the epochs) ``T = T_c + t_ar(2 P, N)``.
+* ``no_comm``: ``T = n T_c`` (measured: ``T_c``, the step time of a rank alone);
+* every byte sent costs link time ``b / (eta B)`` (``eta``: the share of the nominal rate the
+  transport achieves) and CPU time ``c b`` on the compute cores (Gloo, MPI and the copies share
+  the cores with the ranks' compute; 0 on a machine with spare cores);
+* ``hierarchical`` without overlap (``overlap: false``): ``T = n T_c + b / (eta B) + c b``;
+* ``hierarchical`` (overlapped per bucket): the transfer hides behind the backward pass, a
+  share ``psi`` of the step: ``T = n T_c + max(0, b / (eta B) - psi n T_c) + c b``;
+* ``daso``: the bytes of blocking windows (warm-up, cool-down, window ends: ``b_block``) wait
+  on the link, a share ``phi`` of the cycling sends (``b_cyc``) hides behind the next ``W``
+  steps: ``T = n T_c + (b_block + (1 - phi) b_cyc) / (eta B) + c b``.
 
-``T_c`` is the measured step time of the ``no_comm`` bound at the same node count. ``eta`` and
-``alpha`` are fitted (least squares) on the measured ``hierarchical`` step times, ``phi`` on the
-measured ``daso`` step time at the smallest node count; the other measurements check the model
-(the error is printed and written). The emulated runs use ``daso emulate`` (network namespaces,
-``tc tbf``), ``--nodes`` nodes of 1 rank, ``--rate`` per node.
+``eta``, ``c``, ``psi`` and ``phi`` are fitted by least squares of the relative error over every
+run of the suite at every link rate (``unlimited`` is taken as ``--unlimited-rate``); the check
+table gives each run's error. The bytes are the emulated links' own counters (``tc``), split
+into blocking and cycling by the strategy's per-epoch counts.
 
-The fitted ``eta`` and ``phi`` are then used to predict step time and the speed-up of DASO over
-hierarchical for 2 to 1024 nodes of 4 GPUs, for ResNet-50 (25.6M parameters) and a
-1B-parameter transformer, on InfiniBand-class (200 Gbit/s) and Ethernet-class (25 Gbit/s)
-links. GPU compute times per step and link latencies are stated assumptions (options), not
-measurements: this machine has no GPU.
+The projection uses an allreduce over ``N`` nodes of ``t(b, N) = 2 (N - 1) / N * b / (eta B) +
+2 (N - 1) alpha`` (reduce-scatter then allgather), the fitted ``psi`` and ``phi``, and stated
+assumptions (options; this machine has no GPU): the GPU step time of ResNet-50 (25.6M
+parameters) and of a 1B-parameter model, link latency ``alpha``, DASO's ``global_skips`` and its
+blocking share (the paper's 8 of 90 epochs plus one window-end average per ``--window-steps``).
+``c`` is left out of the projection (GPU nodes have cores to spare for communication).
 
-    .venv/bin/python benchmarks/scaling_model.py            # measures (as root), fits, predicts
-    .venv/bin/python benchmarks/scaling_model.py --reuse    # fit and predict from the CSV
+    .venv/bin/python benchmarks/scaling_model.py      # reads results/equal_accuracy_daso/
 
-Output: ``scaling_measured.csv``, ``scaling_model.csv`` (predictions), ``scaling_model.png``.
+Output (``--out-dir``): ``scaling_check.csv`` (every run, measured and modelled seconds, error),
+``scaling_model.csv`` (projections), ``scaling_model.png``, ``scaling_model.md``.
 """
 
 from __future__ import annotations
 
 import argparse
 import csv
-import math
+import itertools
+import statistics
 import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(Path(__file__).parent))
-from compare import train_emulated  # noqa: E402  (the sibling script)
-
 RATES = {"bit": 1, "kbit": 1e3, "mbit": 1e6, "gbit": 1e9}
+MODELLED = ("hierarchical", "hierarchical_after_backward", "daso", "daso_paper")
 
 
 def bytes_per_second(rate: str) -> float:
@@ -52,255 +55,222 @@ def bytes_per_second(rate: str) -> float:
     raise ValueError(f"rate {rate!r}: use e.g. 50mbit")
 
 
+def read_runs(path: Path, nodes: int) -> list[dict]:
+    """One record per run of the suite's CSV: variant, seed, rate, steps, seconds, and per node
+    its link bytes split into blocking and cycling (by the strategy's counted bytes)."""
+    runs: dict[tuple, list[dict]] = {}
+    with path.open() as handle:
+        for row in csv.DictReader(handle):
+            key = (row["variant"], int(row["seed"]), int(row["budget"]), row["link_rate"])
+            runs.setdefault(key, []).append(row)
+    records = []
+    for (variant, seed, budget, rate), rows in runs.items():
+        counted = [float(r["cross_node_bytes"] or 0) for r in rows]
+        link = float(rows[0]["link_tx_bytes"]) / nodes
+        cycling = sum(c for c, r in zip(counted, rows) if r["phase"] == "cycling")
+        share = cycling / sum(counted) if sum(counted) else 0.0
+        records.append(
+            {
+                "variant": variant,
+                "seed": seed,
+                "epochs": budget,
+                "rate": rate,
+                "seconds": float(rows[-1]["elapsed_train_seconds"]),
+                "link_bytes": link,
+                "cycling_share": share,
+            }
+        )
+    return records
+
+
+def modelled_seconds(run: dict, t_c: float, params: dict, bandwidth: float) -> float:
+    """The model's training seconds for ``run`` (module docstring), ``t_c`` the bound's
+    seconds for the same epochs."""
+    eta, cpu, psi, phi = params["eta"], params["cpu"], params["psi"], params["phi"]
+    b = run["link_bytes"]
+    link = b / (eta * bandwidth)
+    variant = run["variant"]
+    if variant == "hierarchical_after_backward":
+        extra = link
+    elif variant == "hierarchical":
+        extra = max(0.0, link - psi * t_c)
+    else:  # daso variants
+        extra = link * (1 - run["cycling_share"]) + (1 - phi) * link * run["cycling_share"]
+    return t_c + extra + cpu * b
+
+
+def fit(runs: list[dict], bounds: dict, rate_of: dict) -> dict:
+    """``eta``, ``cpu``, ``psi``, ``phi`` minimising the squared relative errors over ``runs``
+    (SciPy's bounded least squares; ``cpu`` in ns per byte internally)."""
+    from scipy.optimize import least_squares
+
+    def unpack(x):  # noqa: ANN001, ANN202
+        return {"eta": x[0], "cpu": x[1] * 1e-9, "psi": x[2], "phi": x[3]}
+
+    def residuals(x):  # noqa: ANN001, ANN202
+        params = unpack(x)
+        return [
+            modelled_seconds(r, bounds[r["seed"], r["epochs"]], params, rate_of[r["rate"]])
+            / r["seconds"]
+            - 1
+            for r in runs
+        ]
+
+    result = least_squares(
+        residuals, x0=[0.9, 5.0, 0.3, 0.8], bounds=([0.2, 0.0, 0.0, 0.0], [1.5, 1000.0, 1.0, 1.0])
+    )
+    return unpack(result.x)
+
+
 def allreduce_seconds(nbytes: float, nodes: int, bandwidth: float, alpha: float) -> float:
     """Reduce-scatter + allgather of ``nbytes`` per node over ``nodes`` nodes, in seconds."""
     if nodes <= 1:
         return 0.0
-    return 2 * (nodes - 1) * alpha + 2 * (nodes - 1) / nodes * nbytes / bandwidth
+    return 2 * (nodes - 1) / nodes * nbytes / bandwidth + 2 * (nodes - 1) * alpha
 
 
-def step_hierarchical(t_c: float, params: float, nodes: int, bw: float, alpha: float) -> float:
-    return t_c + allreduce_seconds(4 * params, nodes, bw, alpha)
-
-
-def step_daso(
-    t_c: float,
-    params: float,
-    nodes: int,
-    bw: float,
-    alpha: float,
-    phi: float,
-    skips: int = 4,
-    wait: int = 1,
-    blocking_fraction: float = 0.0,
-) -> float:
-    sync = allreduce_seconds(2 * params, nodes, bw, alpha)
-    cycling = t_c + (sync - phi * min(sync, wait * t_c)) / skips
-    return (1 - blocking_fraction) * cycling + blocking_fraction * (t_c + sync)
-
-
-def measure(args: argparse.Namespace) -> list[dict]:
-    """Emulated runs: no_comm, hierarchical and daso (always cycling) at each node count."""
+def project(args: argparse.Namespace, params: dict) -> list[dict]:
+    """Step seconds of the overlapped synchronous baseline and of DASO, per workload, link and
+    node count (module docstring)."""
+    workloads = {"resnet50": (25.6e6, args.resnet50_step), "1b_model": (1e9, args.billion_step)}
     rows = []
-    for nodes in args.nodes:
-        for strategy in ("no_comm", "hierarchical", "daso"):
-            out = args.out_dir / "runs" / f"scaling_{strategy}_{nodes}"
-            sets = [
-                f"strategy.name={strategy}",
-                f"trainer.epochs={args.epochs}",
-                f"data.train_subset={args.train_images}",
-                "data.val_subset=200",
-            ]
-            if strategy == "daso":  # steady state: global_skips 4, W 1
-                sets += [
-                    "strategy.warmup_windows=0",
-                    "strategy.cooldown_windows=0",
-                    "strategy.patience=100",
-                ]
-            print(f"== {strategy} on {nodes} nodes at {args.rate}", flush=True)
-            rows_run, _ = train_emulated(
-                nodes, 1, args.rate, ROOT / "configs/cifar10_bench.yaml", out, sets
-            )
-            last = rows_run[-1]
-            batches = args.train_images // nodes // 32
-            rows.append(
-                {
-                    "strategy": strategy,
-                    "nodes": nodes,
-                    "step_seconds": last["train_seconds"] / batches,
-                    "cross_node_bytes_per_step": last["cross_node_bytes"] / batches,
-                }
-            )
+    for (name, (p, t_c)), gbit, exponent in itertools.product(
+        workloads.items(), args.link_gbit, range(4, 11)
+    ):
+        nodes = 2**exponent
+        bandwidth = params["eta"] * gbit * 1e9 / 8
+        grads = allreduce_seconds(4 * p, nodes, bandwidth, args.alpha)
+        sync = t_c + max(0.0, grads - params["psi"] * t_c)
+        send = allreduce_seconds(4 * p, nodes, bandwidth, args.alpha)  # float32 cycling
+        blocking = allreduce_seconds(2 * p, nodes, bandwidth, args.alpha)  # bfloat16
+        window_end = allreduce_seconds(2 * 2 * p, nodes, bandwidth, args.alpha)  # + momentum
+        cycling = t_c + (1 - params["phi"]) * send / args.global_skips + window_end / args.window
+        daso = args.blocking_share * (t_c + blocking) + (1 - args.blocking_share) * cycling
+        rows.append(
+            {
+                "workload": name,
+                "link_gbit": gbit,
+                "nodes": nodes,
+                "gpus": 4 * nodes,
+                "sync_step_seconds": sync,
+                "daso_step_seconds": daso,
+                "speedup_daso": sync / daso,
+            }
+        )
     return rows
-
-
-def fit(measured: list[dict], params: float, bw: float) -> dict[str, float]:
-    """eta, alpha from hierarchical (grid + least squares); phi from daso at the fewest nodes."""
-    t_c = {r["nodes"]: r["step_seconds"] for r in measured if r["strategy"] == "no_comm"}
-    hier = [r for r in measured if r["strategy"] == "hierarchical"]
-    best = (math.inf, 1.0, 0.0)
-    for eta in [i / 200 for i in range(20, 201)]:
-        for alpha in [i * 1e-4 for i in range(0, 101)]:
-            err = sum(
-                (
-                    step_hierarchical(t_c[r["nodes"]], params, r["nodes"], eta * bw, alpha)
-                    - r["step_seconds"]
-                )
-                ** 2
-                for r in hier
-            )
-            best = min(best, (err, eta, alpha))
-    _, eta, alpha = best
-    daso = min((r for r in measured if r["strategy"] == "daso"), key=lambda r: r["nodes"])
-    n = daso["nodes"]
-    phi = min(
-        (abs(step_daso(t_c[n], params, n, eta * bw, alpha, p) - daso["step_seconds"]), p)
-        for p in [i / 100 for i in range(0, 101)]
-    )[1]
-    return {"eta": eta, "alpha": alpha, "phi": phi}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--nodes", type=int, nargs="+", default=[2, 3, 4])
-    parser.add_argument("--rate", default="50mbit")
-    parser.add_argument("--epochs", type=int, default=2)
-    parser.add_argument("--train-images", type=int, default=3072)
-    parser.add_argument("--reuse", action="store_true", help="fit from scaling_measured.csv")
     parser.add_argument(
-        "--resnet50-step",
-        type=float,
-        default=0.10,
-        help="assumed GPU compute seconds per ResNet-50 step (batch 64, A100)",
+        "--suite-csv",
+        type=Path,
+        default=ROOT / "benchmarks/results/equal_accuracy_daso/equal_accuracy.csv",
     )
-    parser.add_argument(
-        "--transformer-step",
-        type=float,
-        default=1.5,
-        help="assumed GPU compute seconds per 1B-transformer step",
-    )
+    parser.add_argument("--nodes", type=int, default=2, help="emulated nodes of the suite")
+    parser.add_argument("--unlimited-rate", default="10gbit", help="what 'unlimited' stands for")
+    parser.add_argument("--link-gbit", type=float, nargs="+", default=[10, 25, 100])
+    parser.add_argument("--alpha", type=float, default=10e-6, help="link latency, s")
+    parser.add_argument("--resnet50-step", type=float, default=0.10, help="GPU s per step")
+    parser.add_argument("--billion-step", type=float, default=1.5, help="GPU s per step")
+    parser.add_argument("--global-skips", type=int, default=4)
+    parser.add_argument("--window", type=int, default=500, help="steps per window (epoch)")
+    parser.add_argument("--blocking-share", type=float, default=8 / 90)
     parser.add_argument("--out-dir", type=Path, default=ROOT / "benchmarks/results")
     args = parser.parse_args()
-    args.out_dir.mkdir(parents=True, exist_ok=True)
-    measured_csv = args.out_dir / "scaling_measured.csv"
-    if args.reuse:
-        with measured_csv.open() as handle:
-            measured = [
-                {
-                    **r,
-                    "nodes": int(r["nodes"]),
-                    "step_seconds": float(r["step_seconds"]),
-                    "cross_node_bytes_per_step": float(r["cross_node_bytes_per_step"]),
-                }
-                for r in csv.DictReader(handle)
-            ]
-    else:
-        measured = measure(args)
-        with measured_csv.open("w", newline="") as handle:
-            writer = csv.DictWriter(handle, fieldnames=list(measured[0]))
-            writer.writeheader()
-            writer.writerows(measured)
-
-    sys.path.insert(0, str(ROOT))
-    from daso.models import build_model
-
-    params = sum(p.numel() for p in build_model("resnet20").parameters())
-    bw = bytes_per_second(args.rate)
-    fitted = fit(measured, params, bw)
-    print(
-        f"fitted on {args.rate}: eta {fitted['eta']:.3f} (fraction of the nominal rate), "
-        f"alpha {fitted['alpha'] * 1e3:.2f} ms, phi {fitted['phi']:.2f} (hidden share of a "
-        "DASO sync)"
-    )
-    t_c = {r["nodes"]: r["step_seconds"] for r in measured if r["strategy"] == "no_comm"}
-    print(f"{'strategy':>13} {'nodes':>5} {'measured s':>10} {'model s':>8} {'error':>7}")
-    check_rows = []
-    for r in measured:
-        if r["strategy"] == "no_comm":
-            continue
-        n = r["nodes"]
-        args_model = (t_c[n], params, n, fitted["eta"] * bw, fitted["alpha"])
-        model = (
-            step_hierarchical(*args_model)
-            if r["strategy"] == "hierarchical"
-            else step_daso(*args_model, fitted["phi"])
-        )
-        error = (model - r["step_seconds"]) / r["step_seconds"]
-        check_rows.append({**r, "model_seconds": model, "relative_error": error})
-        print(f"{r['strategy']:>13} {n:>5} {r['step_seconds']:>10.3f} {model:>8.3f} {error:>+7.1%}")
-
-    workloads = {
-        "resnet50": (25.6e6, args.resnet50_step),
-        "transformer_1b": (1e9, args.transformer_step),
+    runs = read_runs(args.suite_csv, args.nodes)
+    bounds = {}
+    for run in runs:
+        if run["variant"] == "no_comm":
+            bounds[run["seed"], run["epochs"]] = run["seconds"]
+    checked = [r for r in runs if r["variant"] in MODELLED and (r["seed"], r["epochs"]) in bounds]
+    rate_of = {
+        r["rate"]: bytes_per_second(args.unlimited_rate if r["rate"] == "unlimited" else r["rate"])
+        for r in checked
     }
-    links = {"infiniband_200gbit": (200e9 / 8, 5e-6), "ethernet_25gbit": (25e9 / 8, 25e-6)}
-    predictions = []
-    for workload, (p, t_step) in workloads.items():
-        for link, (nominal, alpha) in links.items():
-            for exponent in range(1, 11):
-                n = 2**exponent
-                hier = step_hierarchical(t_step, p, n, fitted["eta"] * nominal, alpha)
-                daso = step_daso(
-                    t_step,
-                    p,
-                    n,
-                    fitted["eta"] * nominal,
-                    alpha,
-                    fitted["phi"],
-                    blocking_fraction=8 / 90,
-                )
-                predictions.append(
-                    {
-                        "workload": workload,
-                        "link": link,
-                        "nodes": n,
-                        "gpus": 4 * n,
-                        "hierarchical_step_seconds": hier,
-                        "daso_step_seconds": daso,
-                        "speedup_daso": hier / daso,
-                    }
-                )
-    with (args.out_dir / "scaling_model.csv").open("w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=list(predictions[0]))
-        writer.writeheader()
-        writer.writerows(predictions)
-    with (args.out_dir / "scaling_check.csv").open("w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=list(check_rows[0]))
-        writer.writeheader()
-        writer.writerows(check_rows)
+    params = fit(checked, bounds, rate_of)
+    check = []
+    for run in checked:
+        model = modelled_seconds(
+            run, bounds[run["seed"], run["epochs"]], params, rate_of[run["rate"]]
+        )
+        check.append({**run, "model_seconds": model, "relative_error": model / run["seconds"] - 1})
+    projections = project(args, params)
+    args.out_dir.mkdir(parents=True, exist_ok=True)
+    for name, rows in (("scaling_check.csv", check), ("scaling_model.csv", projections)):
+        with (args.out_dir / name).open("w", newline="") as handle:
+            writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+            writer.writeheader()
+            writer.writerows(rows)
+    worst = max(abs(r["relative_error"]) for r in check)
+    lines = [
+        "# Scaling model",
+        "",
+        f"Fitted on {len(check)} runs of `{args.suite_csv.relative_to(ROOT)}`: eta "
+        f"{params['eta']:.3f} (share of the nominal rate), c {params['cpu'] * 1e9:.1f} ns per "
+        f"byte (CPU), psi {params['psi']:.2f} (share of a step the overlapped allreduce hides "
+        f"behind), phi {params['phi']:.2f} (share of DASO's cycling sends hidden). Largest "
+        f"error over the runs checked: {worst:.1%} (mean absolute "
+        f"{statistics.fmean(abs(r['relative_error']) for r in check):.1%}).",
+        "",
+        "| variant | seed | epochs | link | measured s | model s | error |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for r in sorted(check, key=lambda r: (r["rate"], r["variant"], r["seed"], r["epochs"])):
+        lines.append(
+            f"| {r['variant']} | {r['seed']} | {r['epochs']} | {r['rate']} | {r['seconds']:.1f} "
+            f"| {r['model_seconds']:.1f} | {r['relative_error']:+.1%} |"
+        )
+    lines += [
+        "",
+        f"Projection (assumed GPU step: ResNet-50 {args.resnet50_step} s, 1B model "
+        f"{args.billion_step} s; latency {args.alpha * 1e6:.0f} us; DASO global_skips "
+        f"{args.global_skips}, a window-end average every {args.window} steps, blocking share "
+        f"{args.blocking_share:.3f}): step time of the overlapped synchronous allreduce over "
+        "DASO's.",
+        "",
+        "| workload | link Gbit/s | " + " | ".join(f"{2**e} nodes" for e in range(4, 11)) + " |",
+        "|---|---|" + "---|" * 7,
+    ]
+    for name, gbit in itertools.product(("resnet50", "1b_model"), args.link_gbit):
+        cells = [
+            f"{r['speedup_daso']:.2f}"
+            for r in projections
+            if r["workload"] == name and r["link_gbit"] == gbit
+        ]
+        lines.append(f"| {name} | {gbit:g} | " + " | ".join(cells) + " |")
+    (args.out_dir / "scaling_model.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    plot(projections, args)
 
+
+def plot(projections: list[dict], args: argparse.Namespace) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-    for workload in workloads:
-        for link in links:
-            rows = [r for r in predictions if r["workload"] == workload and r["link"] == link]
-            label = f"{workload}, {link}"
-            axes[0].plot(
-                [r["nodes"] for r in rows],
-                [r["speedup_daso"] for r in rows],
-                marker="o",
-                label=label,
-            )
-            axes[1].plot(
-                [r["nodes"] for r in rows],
-                [r["hierarchical_step_seconds"] for r in rows],
-                linestyle="--",
-                label=f"hierarchical, {label}",
-            )
-            axes[1].plot(
-                [r["nodes"] for r in rows],
-                [r["daso_step_seconds"] for r in rows],
-                label=f"daso, {label}",
-            )
-    axes[0].set(
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for name, gbit in itertools.product(("resnet50", "1b_model"), args.link_gbit):
+        rows = [r for r in projections if r["workload"] == name and r["link_gbit"] == gbit]
+        ax.plot(
+            [r["nodes"] for r in rows],
+            [r["speedup_daso"] for r in rows],
+            marker="o",
+            label=f"{name}, {gbit:g} Gbit/s",
+        )
+    ax.axhline(1.0, color="grey", linewidth=0.8)
+    ax.set(
         xscale="log",
         xlabel="nodes (x4 GPUs)",
-        ylabel="step time hierarchical / daso",
-        title="predicted speed-up of DASO",
+        ylabel="step time: overlapped synchronous / DASO",
+        title="projected speed-up of DASO",
     )
-    axes[1].set(
-        xscale="log",
-        yscale="log",
-        xlabel="nodes (x4 GPUs)",
-        ylabel="step seconds",
-        title="predicted step time",
-    )
-    axes[0].legend(fontsize=7)
-    axes[1].legend(fontsize=5)
+    ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(args.out_dir / "scaling_model.png", dpi=110)
-    for r in predictions:
-        if r["nodes"] in (2, 16, 128, 1024):
-            print(
-                f"{r['workload']:>15} {r['link']:>19} {r['nodes']:>5} nodes: hierarchical "
-                f"{r['hierarchical_step_seconds']:.3f} s, daso {r['daso_step_seconds']:.3f} s, "
-                f"speed-up {r['speedup_daso']:.2f}"
-            )
+    plt.close(fig)
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

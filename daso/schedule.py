@@ -121,6 +121,11 @@ class DASOSchedule:
         skip_reduction_factor: S and local skips are divided by it on a plateau.
         local_skip_factor: after a reset,
             ``local_skips = W = max_global_skips // local_skip_factor``.
+        controller: ``"plateaus"`` (the paper's rule above) or ``"lr"``: each cycling window
+            takes ``S = ceil(max_global_skips * (1 - lr / peak_lr))`` (at least 1),
+            ``local_skips = W = 1``, from the learning rate of the window before (``lr`` of
+            :meth:`end_window`) and the largest seen; synchronous while the LR is high, looser
+            as it decays (post-local SGD, Lin et al. 2020, arXiv 1808.07217).
 
     The plateau detector is fed from the last warm-up window on: that window's loss is the first
     ``best`` the cycling phase is measured against; earlier warm-up losses never reach it.
@@ -144,8 +149,13 @@ class DASOSchedule:
         max_global_skips: int = 8,
         skip_reduction_factor: int = 2,
         local_skip_factor: int = 4,
+        controller: str = "plateaus",
     ) -> None:
         checks = [
+            (
+                controller in ("plateaus", "lr"),
+                f"controller must be plateaus or lr, got {controller!r}",
+            ),
             (warmup_windows >= 0, f"warmup_windows must be >= 0, got {warmup_windows}"),
             (cooldown_windows >= 0, f"cooldown_windows must be >= 0, got {cooldown_windows}"),
             (0 <= stability_level < 1, f"stability_level must be in [0, 1), got {stability_level}"),
@@ -166,6 +176,8 @@ class DASOSchedule:
         self.max_global_skips = max_global_skips
         self.skip_reduction_factor = skip_reduction_factor
         self.local_skip_factor = local_skip_factor
+        self.controller = controller
+        self.peak_lr = 0.0
         self.detector = PlateauDetector(stability_level, patience)
         self.window = 0
         self.params = self._entry_params(self.phase(0))
@@ -223,12 +235,13 @@ class DASOSchedule:
         reset = max(1, self.max_global_skips // self.local_skip_factor)
         return SyncParams(self.max_global_skips, reset, min(reset, self.max_global_skips), CYCLING)
 
-    def end_window(self, loss: float | None) -> SyncParams:
+    def end_window(self, loss: float | None, lr: float | None = None) -> SyncParams:
         """Feed the loss of the window just finished (averaged over all ranks); advance one window.
 
         Args:
             loss: the window's mean training loss over all ranks; ``None`` when every step
                 of the window was skipped (non-finite): the plateau detector is not fed.
+            lr: the learning rate the window ran at (``controller: lr``; ignored otherwise).
 
         Returns:
             The :class:`SyncParams` of the next window (also in :attr:`params`).
@@ -244,8 +257,16 @@ class DASOSchedule:
             if phase == CYCLING:
                 self.detector.num_bad_windows = 0
             self.params = self._entry_params(phase)
-        elif plateau:
+        elif plateau and self.controller == "plateaus":
             self.params = self._after_plateau(self.params)
+        if self.controller == "lr" and lr is not None:
+            self.peak_lr = max(self.peak_lr, lr)
+            if phase == CYCLING and self.peak_lr > 0:
+                fraction = max(0.0, 1.0 - lr / self.peak_lr)
+                skips = min(
+                    self.max_global_skips, max(1, math.ceil(self.max_global_skips * fraction))
+                )
+                self.params = SyncParams(skips, 1, 1, CYCLING)
         return self.params
 
     def state_dict(self) -> dict[str, Any]:
@@ -254,6 +275,7 @@ class DASOSchedule:
             "window": self.window,
             "params": dataclasses.asdict(self.params),
             "detector": self.detector.state_dict(),
+            "peak_lr": self.peak_lr,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -261,4 +283,5 @@ class DASOSchedule:
         self.window = int(state.get("window", state.get("epoch", 0)))
         self.params = SyncParams(**state["params"])
         self.detector.load_state_dict(state["detector"])
+        self.peak_lr = float(state.get("peak_lr", 0.0))
         self._reconcile()

@@ -651,6 +651,46 @@ def scenario_anchor(groups: ProcessGroups, params: dict[str, Any]) -> dict[str, 
         steps[placement] = {"outer_steps": len(calls), "merges": strategy.syncs["merges"]}
         strategy.close()
     out["outer_steps"] = steps
+
+    # sync_momentum: the momentum buffers travel with the send and merge like the state
+    torch.manual_seed(0)
+    model = tiny_model()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    strategy = DASOStrategy(
+        groups, epochs=1, warmup_windows=0, cooldown_windows=0, sync_momentum=True
+    )
+    strategy.wrap(model, optimizer)
+    for p in model.parameters():  # one step creates the momentum buffers
+        p.grad = torch.ones_like(p)
+    optimizer.step()
+    strategy.averager.anchor.copy_(FlatBuffer(strategy.averager.state.tensors).pack())
+    momentum = FlatBuffer(optimizer_state_tensors(optimizer))
+    state = strategy.averager.state
+    strategy.begin_window(0, 100)
+    strategy.schedule.params = SyncParams(4, 1, 1, "cycling")
+    anchor = strategy.averager.anchor.clone()
+    sent = seeded(state.numel, 41, topo.rank)
+    sent_momentum = seeded(momentum.numel, 42, topo.rank)
+    state.unpack(sent)
+    momentum.unpack(sent_momentum)
+    strategy.after_step(0)
+    local = seeded(state.numel, 43, topo.rank)
+    local_momentum = seeded(momentum.numel, 44, topo.rank)
+    state.unpack(local)
+    momentum.unpack(local_momentum)
+    strategy.after_step(1)
+    out["sync_momentum"] = {
+        "anchor": anchor,
+        "sent": sent,
+        "sent_momentum": sent_momentum,
+        "local": local,
+        "local_momentum": local_momentum,
+        "final": state.pack().clone(),
+        "final_momentum": momentum.pack().clone(),
+        "bytes": strategy.window_metrics()["cross_node_bytes"],
+        "numel": (state.numel, momentum.numel),
+    }
+    strategy.close()
     return out
 
 

@@ -117,6 +117,26 @@ def test_one_outer_step_on_the_last_step_of_a_window(anchor_results):
         assert steps["window_end"] == {"outer_steps": 1, "merges": 2}
 
 
+def test_sync_momentum_sends_and_merges_the_momentum_buffers(anchor_results):
+    """With ``sync_momentum`` the send carries [x - a | m] (float32 in cycling); on the merge
+    every rank takes x <- a' + (x - x_sent) and m <- mean_m + (m - m_sent), the means over the
+    senders of both nodes (local rank 0 sends first)."""
+    senders = [ranks_of(n)[0] for n in range(NUM_NODES)]
+    runs = [r["sync_momentum"] for r in anchor_results]
+    anchor = runs[0]["anchor"].double().numpy()
+    mean = anchor + sum(runs[r]["sent"].double().numpy() - anchor for r in senders) / NUM_NODES
+    mean_m = sum(runs[r]["sent_momentum"].double().numpy() for r in senders) / NUM_NODES
+    state, moments = runs[0]["numel"]
+    for run in runs:
+        local, sent = run["local"].double().numpy(), run["sent"].double().numpy()
+        expected = mean + local - sent
+        np.testing.assert_allclose(run["final"].double().numpy(), expected, atol=1e-5)
+        m = run["local_momentum"].double().numpy() - run["sent_momentum"].double().numpy()
+        np.testing.assert_allclose(run["final_momentum"].double().numpy(), mean_m + m, atol=1e-5)
+    # each sender hands P + Q float32 elements to MPI once
+    assert sum(run["bytes"] for run in runs) == NUM_NODES * (state + moments) * 4
+
+
 def test_outer_lr_1_momentum_0_equals_the_plain_average(anchor_results):
     for result in anchor_results:
         plain, outer = result["rotation"][0]["sends"], result["rotation"][1]["sends"]

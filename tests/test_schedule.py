@@ -190,3 +190,25 @@ def test_detector_is_fed_from_the_last_warmup_epoch_on():
     assert seen[2] == (4, 1, 1)
     assert seen[3:5] == [(4, 1, 1), (4, 1, 1)]
     assert schedule.detector.best == 2.8
+
+
+def test_lr_controller_loosens_global_skips_as_the_lr_decays():
+    """controller: lr sets S = ceil(max_global_skips * (1 - lr / peak)) (at least 1) each
+    cycling window, local skips and W 1; blocking phases stay blocking. Expected values are
+    worked out by hand from the formula."""
+    s = DASOSchedule(windows=6, warmup_windows=1, cooldown_windows=1, controller="lr")
+    lrs = [0.1, 0.099, 0.05, 0.02, 0.001]
+    got = [s.end_window(1.0, lr=lr) for lr in lrs]
+    # after warm-up (lr 0.1 = peak): ceil(0) -> 1; then ceil(0.08) = 1, ceil(4) = 4,
+    # ceil(6.4) = 7; the last window is the cool-down
+    assert [p.global_skips for p in got] == [1, 1, 4, 7, 0]
+    assert all((p.local_skips, p.batches_to_wait) == (1, 1) for p in got[:4])
+    assert got[-1].phase == "cooldown"
+    resumed = DASOSchedule(windows=6, warmup_windows=1, cooldown_windows=1, controller="lr")
+    resumed.load_state_dict(s.state_dict())
+    assert resumed.peak_lr == 0.1
+
+
+def test_unknown_controller_is_refused():
+    with pytest.raises(ConfigError, match="controller"):
+        DASOSchedule(windows=6, controller="loss")

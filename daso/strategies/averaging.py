@@ -249,27 +249,23 @@ class CrossNodeAverager(CrossNodeLink):
         self._sum: torch.Tensor | None = None  # receive buffer of a merge's sum (non-senders)
         self.node_diverged = False
         self.cross: CrossNodeSum | None = None
+        self.sends: CrossNodeSum | None = None  # the sum of the non-blocking syncs
         if groups.cross_comm is not None:
-            self.cross = CrossNodeSum(
-                groups.cross_comm,
-                self.state.numel,
-                wire_dtype,
-                groups.device,
-                timeout=timeout,
-                poll_interval=poll_interval,
-                cuda_aware_mpi=groups.cuda_aware_mpi,
-            )
-        self.sends = self.cross  # the sum of the non-blocking syncs
-        if self.cross is not None and send_wire_dtype not in (None, wire_dtype):
-            self.sends = CrossNodeSum(
-                groups.cross_comm.Dup(),
-                self.state.numel,
-                send_wire_dtype,
-                groups.device,
-                timeout=timeout,
-                poll_interval=poll_interval,
-                cuda_aware_mpi=groups.cuda_aware_mpi,
-            )
+
+            def link(comm: Any, dtype: torch.dtype) -> CrossNodeSum:
+                return CrossNodeSum(
+                    comm,
+                    self.state.numel,
+                    dtype,
+                    groups.device,
+                    timeout=timeout,
+                    poll_interval=poll_interval,
+                    cuda_aware_mpi=groups.cuda_aware_mpi,
+                )
+
+            self.cross = self.sends = link(groups.cross_comm, wire_dtype)
+            if send_wire_dtype not in (None, wire_dtype):
+                self.sends = link(groups.cross_comm.Dup(), send_wire_dtype)
         self.sender = 0
         self._extended: FlatBuffer | None = None
         self._sent: torch.Tensor | None = None  # one node: the sum over nodes of the delta
@@ -319,21 +315,28 @@ class CrossNodeAverager(CrossNodeLink):
         """Whether this rank talks across nodes for ``sender``'s sync."""
         return self.topology.local_rank == sender
 
-    def start(self, tag: Any = None, keep_sent: bool = False) -> int:
-        """Start the non-blocking sum over nodes of ``x - anchor`` on the next sender's
-        cross-node group; returns at once with the sender's local rank. The sender's node must
-        hold its parameters then (they are sent as they are). With ``keep_sent`` the sender
-        keeps its own float32 difference in :attr:`sent_delta` (for the ``progress`` merge;
-        one more float32 ``[P]`` while the sync is in flight). Every rank of the node keeps its
-        own difference then, since a node's ranks may hold different states (local skips)."""
+    def start(
+        self, tag: Any = None, keep_sent: bool = False, extra: Sequence[torch.Tensor] = ()
+    ) -> int:
+        """Start the non-blocking sum over nodes of ``[x - anchor | extra]`` on the next
+        sender's cross-node group; returns at once with the sender's local rank.
+
+        ``extra`` (``Q`` elements, e.g. the optimizer's momentum buffers: DASO's
+        ``sync_momentum``) crosses as it is, not as a difference; :meth:`merge` must get the
+        same tensors. With ``keep_sent`` every rank keeps its own float32 ``[P + Q]`` vector
+        as sent in :attr:`sent_delta` while the sync is in flight (for the ``progress``
+        merge), since a node's ranks may hold different states (local skips); the sender's
+        is the one summed."""
         sender = self.next_sender()
-        self.sent_delta = self.state.pack().sub(self.anchor) if keep_sent else None
+        buffer = self._buffer_with(extra)
+        flat = buffer.pack()
+        flat[: self.state.numel].sub_(self.anchor)
+        self.sent_delta = flat.clone() if keep_sent else None
         if self.is_sender(sender):
-            delta = self.state.pack().sub_(self.anchor)
             if self.sends is not None:
-                self.sends.start(delta, tag=tag)
+                self.sends.start(flat, tag=tag)
             else:
-                self._sent = delta.clone()
+                self._sent = flat.clone()
         return sender
 
     def collect(self) -> torch.Tensor:
@@ -350,6 +353,7 @@ class CrossNodeAverager(CrossNodeLink):
         summed: torch.Tensor | None = None,
         rule: str = "staleness",
         outer: bool = True,
+        extra: Sequence[torch.Tensor] = (),
     ) -> None:
         """Complete ``sender``'s sync: the sender broadcasts the sum over nodes inside its node
         (one float32 ``[P]`` broadcast); on every rank the anchor becomes the mean (or, with
@@ -371,24 +375,31 @@ class CrossNodeAverager(CrossNodeLink):
             summed: the sender's completed sum, if it was already collected (a checkpoint).
             rule: ``"staleness"`` or ``"progress"``.
             outer: take the outer optimizer's step (if there is one), else the plain mean.
+            extra: the tensors :meth:`start` sent with the state; they take the same rule
+                against their plain mean (``progress``: ``m <- mean_m + (m - m_sent)``).
         """
         topo = self.topology
         src = topo.global_rank(topo.node_rank, sender)
+        buffer = self._buffer_with(extra)
         if self.is_sender(sender):
             total = summed if summed is not None else self.collect()
         else:
-            if self._sum is None:
-                self._sum = torch.empty_like(self.anchor)
-            total = self._sum
+            if self._sum is None or self._sum.numel() < buffer.numel:
+                self._sum = torch.empty(buffer.numel, device=self.anchor.device)
+            total = self._sum[: buffer.numel]
         broadcast(total, src, self.groups.node_group)
-        sent = self.anchor + self.sent_delta if self.sent_delta is not None else None
-        anchor = self._advance_anchor(self.anchor + total / topo.num_nodes, outer)
-        local = self.state.pack()
+        n, nodes = self.state.numel, topo.num_nodes
+        if self.sent_delta is not None:  # as sent: the state, and extra as it was
+            sent = self.sent_delta
+            sent[:n].add_(self.anchor)
+        anchor = self._advance_anchor(self.anchor + total[:n] / nodes, outer)
+        flat = buffer.pack()
+        mean = torch.cat([anchor, total[n:] / nodes]) if buffer.numel > n else anchor
         if rule == "progress":
-            local.sub_(sent).add_(anchor)
+            flat.sub_(sent).add_(mean)
         else:
-            merge_stale(local, anchor, batches_waited, topo.num_nodes)
-        self.state.unpack()
+            merge_stale(flat, mean, batches_waited, nodes)
+        buffer.unpack()
         self.sent_delta = None
 
     # -- blocking ----------------------------------------------------------------------------
@@ -456,6 +467,8 @@ class CrossNodeAverager(CrossNodeLink):
         """Make room for buffers of ``numel`` elements on the cross-node wire."""
         if self.cross is not None:
             self.cross.reserve(numel)
+        if self.sends is not None and self.sends is not self.cross:
+            self.sends.reserve(numel)
 
     # -- checkpoints -------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:

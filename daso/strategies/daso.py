@@ -10,17 +10,17 @@ training with distributed asynchronous and selective optimization (DASO)", J. Bi
 3. on a sending batch (``b % global_skips == 0``) the ranks of one cross-node group ``C_k``
    start a non-blocking sum of their flattened parameters and floating-point buffers, sent as
    the difference from the float32 anchor ``a`` (the state after the last sync, equal on all
-   ranks), in bfloat16 by default; ``k`` rotates over the local ranks from one send to the
-   next; ``W = batches_to_wait`` batches later the sum arrives, the mean is formed in float32
-   and merged with the newer local parameters,
+   ranks), in float32 by default (``cycling_downcast``, as the reference implementation); ``k``
+   rotates over the local ranks from one send to the next; ``W = batches_to_wait`` batches
+   later the sum arrives, the mean is formed in float32, the sender broadcasts the sum inside
+   its node and every rank merges its own newer state with it,
 
    ``mean = a + sum_n (x_sent_n - a) / N``,  ``x <- (2W * x_local + N * mean) / (2W + N)``
-   (paper, eq. 1), ``a <- mean`` (or the outer optimizer's step, ``outer_optimizer``),
-
-   and broadcast from that rank to the rest of its node;
+   (paper, eq. 1; or ``merge: progress``, ``x <- mean + (x_local - x_sent)``),
+   ``a <- mean`` (the outer optimizer, if any, steps once per window: ``outer_step_at``);
 4. the last batch of the epoch ends with a blocking average over all nodes (node-local mean
-   first, then the cross-node mean; optionally of the optimizer state too), so every epoch
-   ends with all ranks identical;
+   first, then the cross-node mean, in bfloat16 by default: ``downcast``; optionally of the
+   optimizer state too), so every epoch ends with all ranks identical;
 5. after the epoch, the loss averaged over all ranks goes to :class:`~daso.schedule.DASOSchedule`.
 
 During warm-up and cool-down the schedule is blocking (``global_skips = 0``): every batch
@@ -105,6 +105,17 @@ class DASOOptions(OuterOptimizerOptions):
         "(the paper: the model after the step) or gradients (before the step: ddp's steps "
         "for any optimizer, e.g. AdamW).",
     )
+    sync_momentum: bool = Field(
+        False,
+        description="Send the optimizer state (momentum) with every non-blocking sync and "
+        "merge it like the parameters (SlowMo-style; twice the cycling bytes with SGD momentum).",
+    )
+    controller: Literal["plateaus", "lr"] = Field(
+        "plateaus",
+        description="What sets global_skips in the cycling phase: loss plateaus (the paper) or "
+        "the learning rate (post-local SGD: ceil(max_global_skips * (1 - lr / peak lr)), "
+        "synchronous while the LR is high, looser as it decays).",
+    )
     poll_interval_seconds: float = Field(
         0.0, ge=0, description="0: MPI's blocking progress; >0: MPI_Test then sleep this long."
     )
@@ -129,6 +140,7 @@ class DASOOptions(OuterOptimizerOptions):
             "max_global_skips": self.max_global_skips,
             "skip_reduction_factor": self.skip_reduction_factor,
             "local_skip_factor": self.local_skip_factor,
+            "controller": self.controller,
         }
 
 
@@ -186,6 +198,13 @@ class DASOStrategy(Strategy):
             across nodes inside a blocking window) and the optimizer state. Needs
             ``sync_optimizer_state`` (the optimizer states must agree when a blocking window
             starts).
+        sync_momentum: also send the floating-point optimizer state (SGD's momentum buffers,
+            Adam's moments) with every non-blocking sync of the cycling phase and merge it
+            with the same rule against its plain mean over nodes (SlowMo, Wang et al. 2020,
+            averages the momentum buffers likewise); with SGD momentum it doubles the cycling
+            bytes. Default ``False``.
+        controller: ``"plateaus"`` (default, the paper's section 3.3) or ``"lr"``:
+            :class:`~daso.schedule.DASOSchedule`'s ``controller``.
         poll_interval_seconds: how the communication thread drives MPI (see
             :class:`~daso.comm.CrossNodeSum`).
 
@@ -284,10 +303,16 @@ class DASOStrategy(Strategy):
     def _start_send(self, batch: int) -> None:
         keep = self.merge_rule == "progress"
         sent, _ = self.averager.counters()
-        sender = self.averager.start(tag=f"DASO send at batch {batch}", keep_sent=keep)
+        sender = self.averager.start(
+            tag=f"DASO send at batch {batch}", keep_sent=keep, extra=self._sent_with_state()
+        )
         self.pending = (batch, sender)
         self.syncs["sends"] += 1
         self.record_event("send", sender=sender, bytes=self.averager.counters()[0] - sent)
+
+    def _sent_with_state(self) -> list[torch.Tensor]:
+        """The optimizer state a non-blocking sync carries (``sync_momentum``), else none."""
+        return optimizer_state_tensors(self.optimizer) if self.options.sync_momentum else []
 
     def _merge(self, batches_waited: int, outer: bool) -> None:
         _, sender = self.pending
@@ -295,7 +320,12 @@ class DASOStrategy(Strategy):
         received, self._received = self._received, None
         sent, waited = self.averager.counters()
         self.averager.merge(
-            sender, batches_waited, summed=received, rule=self.merge_rule, outer=outer
+            sender,
+            batches_waited,
+            summed=received,
+            rule=self.merge_rule,
+            outer=outer,
+            extra=self._sent_with_state(),
         )
         self.syncs["merges"] += 1
         after_sent, after_waited = self.averager.counters()
@@ -362,7 +392,7 @@ class DASOStrategy(Strategy):
         return sent, waited
 
     def end_window(self, epoch: int, loss: float) -> None:
-        self.schedule.end_window(loss)
+        self.schedule.end_window(loss, lr=self.optimizer.param_groups[0]["lr"])
 
     def state_dict(self) -> dict[str, Any]:
         """Schedule (with its plateau detector), sender rotation and, between batches of an
