@@ -117,7 +117,10 @@ class DASOOptions(OuterOptimizerOptions):
         "synchronous while the LR is high, looser as it decays).",
     )
     poll_interval_seconds: float = Field(
-        0.0, ge=0, description="0: MPI's blocking progress; >0: MPI_Test then sleep this long."
+        0.001,
+        ge=0,
+        description="MPI_Test then sleep at most this long (seconds) while a sync is in "
+        "flight; 0: MPI's blocking progress (spins a core the compute needs).",
     )
 
     @model_validator(mode="after")
@@ -206,7 +209,11 @@ class DASOStrategy(Strategy):
         controller: ``"plateaus"`` (default, the paper's section 3.3) or ``"lr"``:
             :class:`~daso.schedule.DASOSchedule`'s ``controller``.
         poll_interval_seconds: how the communication thread drives MPI (see
-            :class:`~daso.comm.CrossNodeSum`).
+            :class:`~daso.comm.CrossNodeSum`): ``MPI_Test`` and sleeps doubling from 50 us to
+            at most this (default 1 ms: 13 % faster runs than 0 at 50 Mbit/s with 4 ranks on 2
+            cores, benchmarks/README.md), or 0: MPI's blocking call, whose busy progress loop
+            takes a core from the compute it overlaps (the lowest latency where cores are
+            spare).
 
     ``epochs`` is the run's number of windows; ``timeout_seconds`` the longest wait for a
     cross-node sum before :class:`~daso.errors.CommTimeoutError`.
@@ -256,7 +263,11 @@ class DASOStrategy(Strategy):
         if self.options.blocking_sync == "gradients" and self.topology.num_nodes > 1:
             # blocking windows: hierarchical's overlapped bucket allreduce inside backward()
             self.gradients = OverlappedGradientSum(
-                self.groups, self.wire_dtype, self.timeout, cross_node=False
+                self.groups,
+                self.wire_dtype,
+                self.timeout,
+                cross_node=False,
+                poll_interval=self.poll_interval,
             )
             self.model = self.wrap_in_node(model, self.gradients.hook)
         else:

@@ -43,6 +43,10 @@ class OverlappedGradientSum(CrossNodeLink):
             :class:`~daso.errors.CommTimeoutError` (raised from ``backward()``).
         cross_node: start with buckets summed across nodes (``True``) or only inside the node
             (the plain DDP average; DASO switches per window, :attr:`cross_node`).
+        poll_interval: how the MPI thread waits for a shard sum (seconds; see
+            :class:`~daso.comm.CrossNodeSum`): 0 inside MPI's blocking call, which spins on
+            MPICH's progress engine and takes a core from the backward pass it overlaps; > 0:
+            ``MPI_Test`` and sleeps of at most that long.
 
     Memory: this rank's largest shard of a bucket, in the wire dtype (and a float32 copy).
     Every rank must construct it at the same point (it creates a node-local Gloo group).
@@ -60,6 +64,7 @@ class OverlappedGradientSum(CrossNodeLink):
         wire_dtype: torch.dtype,
         timeout: float,
         cross_node: bool = True,
+        poll_interval: float = 0.0,
     ) -> None:
         self.groups = groups
         self.topology = groups.topology
@@ -74,6 +79,7 @@ class OverlappedGradientSum(CrossNodeLink):
                 wire_dtype,
                 groups.device,
                 timeout=timeout,
+                poll_interval=poll_interval,
                 cuda_aware_mpi=groups.cuda_aware_mpi,
             )
         self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="daso-buckets")
