@@ -115,6 +115,7 @@ COLUMNS = [
     "batches_to_wait",
     "window_phases",
     "window_global_skips",
+    "sends",
     "cross_node_bytes",
     "comm_wait_seconds",
     "link_tx_bytes",
@@ -156,6 +157,7 @@ def run_one(
             f"trainer.epochs={epochs}",
             f"trainer.seed={seed}",
             "trainer.eval_every_epochs=0",
+            "trainer.overwrite=true",  # the suite's own folder: a rerun replaces the run in it
             *variant_sets(label, variants, args, epochs),
             *args.set,
         ]

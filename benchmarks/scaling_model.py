@@ -12,8 +12,10 @@ Model (a run of ``n`` steps, per node ``b`` bytes on a link of ``B`` bytes/s):
 * ``hierarchical`` (overlapped per bucket): the transfer hides behind the backward pass, a
   share ``psi`` of the step: ``T = n T_c + max(0, b / (eta B) - psi n T_c) + c b``;
 * ``daso``: the bytes of blocking windows (warm-up, cool-down, window ends: ``b_block``) wait
-  on the link, a share ``phi`` of the cycling sends (``b_cyc``) hides behind the next ``W``
-  steps: ``T = n T_c + (b_block + (1 - phi) b_cyc) / (eta B) + c b``.
+  on the link; each of its ``k`` cycling sends (``b_cyc / k`` bytes) hides behind ``phi``
+  steps of compute before its merge and the rest waits:
+  ``T = n T_c + b_block / (eta B) + k max(0, b_cyc / (k eta B) - phi t_c) + c b``, ``t_c``
+  the bound's step time.
 
 ``eta``, ``c``, ``psi`` and ``phi`` are fitted by least squares of the relative error over every
 run of the suite at every link rate (``unlimited`` is taken as ``--unlimited-rate``); the check
@@ -69,6 +71,7 @@ def read_runs(path: Path, nodes: int) -> list[dict]:
         link = float(rows[0]["link_tx_bytes"]) / nodes
         cycling = sum(c for c, r in zip(counted, rows) if r["phase"] == "cycling")
         share = cycling / sum(counted) if sum(counted) else 0.0
+        sends = sum(int(float(r["sends"])) for r in rows if r.get("sends") not in (None, ""))
         records.append(
             {
                 "variant": variant,
@@ -78,6 +81,8 @@ def read_runs(path: Path, nodes: int) -> list[dict]:
                 "seconds": float(rows[-1]["elapsed_train_seconds"]),
                 "link_bytes": link,
                 "cycling_share": share,
+                "sends": sends,
+                "steps": None,
             }
         )
     return records
@@ -94,8 +99,11 @@ def modelled_seconds(run: dict, t_c: float, params: dict, bandwidth: float) -> f
         extra = link
     elif variant == "hierarchical":
         extra = max(0.0, link - psi * t_c)
-    else:  # daso variants
-        extra = link * (1 - run["cycling_share"]) + (1 - phi) * link * run["cycling_share"]
+    else:  # daso variants: each cycling send hides behind phi steps of compute
+        sends = max(run["sends"], 1)
+        per_send = link * run["cycling_share"] / sends
+        step = t_c / run["steps"]
+        extra = link * (1 - run["cycling_share"]) + sends * max(0.0, per_send - phi * step)
     return t_c + extra + cpu * b
 
 
@@ -117,7 +125,7 @@ def fit(runs: list[dict], bounds: dict, rate_of: dict) -> dict:
         ]
 
     result = least_squares(
-        residuals, x0=[0.9, 5.0, 0.3, 0.8], bounds=([0.2, 0.0, 0.0, 0.0], [1.5, 1000.0, 1.0, 1.0])
+        residuals, x0=[0.9, 5.0, 0.3, 0.8], bounds=([0.2, 0.0, 0.0, 0.0], [1.5, 1000.0, 1.0, 8.0])
     )
     return unpack(result.x)
 
@@ -144,7 +152,8 @@ def project(args: argparse.Namespace, params: dict) -> list[dict]:
         send = allreduce_seconds(4 * p, nodes, bandwidth, args.alpha)  # float32 cycling
         blocking = allreduce_seconds(2 * p, nodes, bandwidth, args.alpha)  # bfloat16
         window_end = allreduce_seconds(2 * 2 * p, nodes, bandwidth, args.alpha)  # + momentum
-        cycling = t_c + (1 - params["phi"]) * send / args.global_skips + window_end / args.window
+        exposed = max(0.0, send - params["phi"] * t_c)  # per send, hidden behind phi steps
+        cycling = t_c + exposed / args.global_skips + window_end / args.window
         daso = args.blocking_share * (t_c + blocking) + (1 - args.blocking_share) * cycling
         rows.append(
             {
@@ -168,6 +177,7 @@ def main() -> None:
         default=ROOT / "benchmarks/results/equal_accuracy_daso/equal_accuracy.csv",
     )
     parser.add_argument("--nodes", type=int, default=2, help="emulated nodes of the suite")
+    parser.add_argument("--steps-per-epoch", type=int, default=32, help="of the suite's runs")
     parser.add_argument("--unlimited-rate", default="10gbit", help="what 'unlimited' stands for")
     parser.add_argument("--link-gbit", type=float, nargs="+", default=[10, 25, 100])
     parser.add_argument("--alpha", type=float, default=10e-6, help="link latency, s")
@@ -184,6 +194,8 @@ def main() -> None:
         if run["variant"] == "no_comm":
             bounds[run["seed"], run["epochs"]] = run["seconds"]
     checked = [r for r in runs if r["variant"] in MODELLED and (r["seed"], r["epochs"]) in bounds]
+    for run in checked:
+        run["steps"] = run["epochs"] * args.steps_per_epoch
     rate_of = {
         r["rate"]: bytes_per_second(args.unlimited_rate if r["rate"] == "unlimited" else r["rate"])
         for r in checked
@@ -209,7 +221,8 @@ def main() -> None:
         f"Fitted on {len(check)} runs of `{args.suite_csv.relative_to(ROOT)}`: eta "
         f"{params['eta']:.3f} (share of the nominal rate), c {params['cpu'] * 1e9:.1f} ns per "
         f"byte (CPU), psi {params['psi']:.2f} (share of a step the overlapped allreduce hides "
-        f"behind), phi {params['phi']:.2f} (share of DASO's cycling sends hidden). Largest "
+        f"behind), phi {params['phi']:.2f} (steps of compute a DASO cycling send hides "
+        "behind). Largest "
         f"error over the runs checked: {worst:.1%} (mean absolute "
         f"{statistics.fmean(abs(r['relative_error']) for r in check):.1%}).",
         "",

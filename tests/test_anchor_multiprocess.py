@@ -102,9 +102,12 @@ def test_senders_rotate_and_merges_follow_the_formula(anchor_results, case):
             else:  # its own progress since the send, laid on the new anchor
                 expected = anchor + local - got["sent"].double().numpy()
             np.testing.assert_allclose(got["anchor"].double().numpy(), anchor, atol=1e-5)
-            np.testing.assert_allclose(got["final"].double().numpy(), expected, atol=1e-5)
-            # one node-local broadcast per merge: the float32 sum, never the state again
-            assert got["broadcasts"] == [anchor.size], got["broadcasts"]
+            np.testing.assert_allclose(
+                got["final"].double().numpy(), expected, atol=1e-5, err_msg=f"rank {rank}"
+            )
+        # one node-local broadcast per merge: the float32 sum, never the state again
+        for run in runs:
+            assert run["sends"][i]["broadcasts"] == [anchor.size], run["sends"][i]["broadcasts"]
 
 
 def test_one_outer_step_on_the_last_step_of_a_window(anchor_results):
