@@ -83,6 +83,7 @@ DASO_VARIANTS: dict[str, tuple[str, list[str]]] = {
         [*DASO_PAPER, "strategy.cycling_downcast=float32", "strategy.downcast=bfloat16"],
     ),
     "daso": ("daso", []),  # the defaults
+    "daso_bf16_cycling": ("daso", ["strategy.cycling_downcast=bfloat16"]),  # the old wire
     "daso_nesterov": ("daso", ["strategy.outer_optimizer=nesterov"]),
     # means to close the gap (issue 21): momentum sent with each sync; global_skips from the LR
     "daso_momentum": ("daso", ["strategy.sync_momentum=true"]),

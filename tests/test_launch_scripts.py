@@ -162,9 +162,12 @@ def test_mpirun_sh_runs_a_script_under_the_venvs_mpich(tmp_path):
     """For real: the venv's MPICH on this host, 2 ranks of a script that reports what it got."""
     script = tmp_path / "report.py"
     script.write_text(
-        "import os\n"
-        "print('rank', os.environ['PMI_RANK'], os.environ['OMP_NUM_THREADS'],"
-        " os.environ.get('DASO_MARK'))\n"
+        "import os, sys\n"
+        "line = f\"rank {os.environ['PMI_RANK']} {os.environ['OMP_NUM_THREADS']}"
+        " {os.environ.get('DASO_MARK')}\\n\"\n"
+        "sys.stdout.write(line)\n"  # one write: print() writes its pieces apart, and the
+        # ranks' output is forwarded write by write, so two prints could interleave
+        "sys.stdout.flush()\n"
     )
     hostfile = tmp_path / "hosts"
     hostfile.write_text("localhost\n")
